@@ -1,0 +1,168 @@
+"""Typed configuration (pydantic), loadable from YAML.
+
+Every field carries a description; validation errors name the field, the rule, the value given and
+the fix. Nothing here touches the network, the disk (except ``load_yaml``) or loads a model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from haps.errors import ConfigError
+
+SourceKind = Literal["hub", "folder", "gguf_file", "gguf_package"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class ModelSpec(_Strict):
+    """One candidate model of the pool."""
+
+    name: str = Field(description="Short unique name used in assignments, logs and the routing prompt.")
+    backend: Literal["local", "api"] = Field(
+        default="local", description="`local`: transformers in this process; `api`: OpenAI-compatible HTTP."
+    )
+    source_kind: SourceKind = Field(
+        default="hub",
+        description="How `source` is read: a Hugging Face hub id, a local folder, a GGUF file, or a GGUF "
+        "shipped inside an installed Python package.",
+    )
+    source: str = Field(
+        default="",
+        description="Hub id, folder, GGUF path, or (gguf_package) the import name of the package. For "
+        "`api` models: the model id sent to the server.",
+    )
+    gguf_file: str | None = Field(
+        default=None,
+        description="gguf_package: file name inside the package (default: the only *.gguf there, or the "
+        "package's own `assemble()` for chunked packages).",
+    )
+    open_weights: bool = Field(
+        default=True, description="Open models may receive generated LoRA adapters; closed (API) ones never do."
+    )
+    price_in: float = Field(default=0.0, ge=0, description="USD per 1M input (prompt) tokens.")
+    price_out: float = Field(default=0.0, ge=0, description="USD per 1M output (completion) tokens.")
+    chat_template: str | None = Field(
+        default=None,
+        description="Jinja chat template overriding the tokenizer's (needed for base models without one).",
+    )
+    completion_style: bool = Field(
+        default=False,
+        description="Base model: workflows render completion-style prompts with a worked example and rely on "
+        "stop strings rather than a chat turn structure.",
+    )
+    dtype: Dtype = Field(default="float32", description="Weights dtype for local models.")
+    description: str = Field(default="", description="One line shown to the high-level router.")
+    # api backend
+    base_url: str | None = Field(default=None, description="api: OpenAI-compatible base URL, e.g. http://host/v1.")
+    api_key_env: str | None = Field(
+        default=None, description="api: name of the environment variable holding the key (never the key)."
+    )
+    timeout_s: float = Field(default=60.0, gt=0, description="api: per-request timeout in seconds.")
+    max_retries: int = Field(default=3, ge=0, description="api: retries with exponential backoff.")
+    max_concurrency: int = Field(default=8, ge=1, description="api: requests in flight at once.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if self.backend == "api":
+            if self.open_weights:
+                # an API model cannot take adapters; say so instead of silently changing it
+                raise ConfigError(
+                    f"model {self.name!r}: backend 'api' needs open_weights: false (API models receive no "
+                    "adapters). Set open_weights: false in the pool config."
+                )
+            if not self.base_url:
+                raise ConfigError(f"model {self.name!r}: backend 'api' needs base_url (e.g. http://127.0.0.1:8000/v1).")
+        elif not self.source:
+            raise ConfigError(f"model {self.name!r}: backend 'local' needs a source ({self.source_kind}).")
+        return self
+
+    def cost(self, tokens_in: int, tokens_out: int) -> float:
+        """USD cost of one call: L_in * P_in + L_out * P_out (prices per 1M tokens)."""
+        return (tokens_in * self.price_in + tokens_out * self.price_out) / 1e6
+
+
+class LoraTarget(_Strict):
+    """Where generated adapters are injected."""
+
+    module_name: str = Field(default="self_attn.o_proj", description="Dotted name inside each decoder layer.")
+    last_k_layers: int = Field(default=1, ge=1, description="Inject into the last k decoder layers (paper: l_k).")
+    rank: int = Field(default=8, ge=1, description="LoRA rank r.")
+    alpha: float = Field(default=0.01, description="Scaling of the update: y = W x + alpha * A (B x).")
+
+
+class PoolConfig(_Strict):
+    """The candidate models. Order matters: it defines the model ids in the routing prompt."""
+
+    name: str = "custom"
+    models: list[ModelSpec]
+    lora: LoraTarget = Field(default_factory=LoraTarget)
+    cache_dir: str | None = Field(
+        default=None,
+        description="Where converted weights are cached (default: $HAPS_CACHE or ~/.cache/haps).",
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, models: list[ModelSpec]) -> list[ModelSpec]:
+        if not models:
+            raise ConfigError("pool has no models: list at least one under `models:`.")
+        names = [m.name for m in models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"pool model names must be unique; repeated: {dup}. Rename them.")
+        return models
+
+    def get(self, name: str) -> ModelSpec:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise ConfigError(f"unknown model {name!r}; the pool has: {[m.name for m in self.models]}.")
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+
+def cache_root(pool: PoolConfig | None = None) -> Path:
+    """Root folder for converted weights, embeddings and other derived files."""
+    if pool is not None and pool.cache_dir:
+        return Path(pool.cache_dir).expanduser()
+    env = os.environ.get("HAPS_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "haps"
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing YAML file.")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping at top level, got {type(data).__name__}.")
+    return data
+
+
+def load_pool(name_or_path: str) -> PoolConfig:
+    """A built-in pool by name (``tiny``) or a pool YAML file."""
+    from haps.pools import builtin_pool, builtin_pool_names
+
+    if name_or_path in builtin_pool_names():
+        return builtin_pool(name_or_path)
+    if not Path(name_or_path).exists():
+        raise ConfigError(
+            f"pool {name_or_path!r} is neither a built-in pool ({builtin_pool_names()}) nor an existing YAML file."
+        )
+    return PoolConfig.model_validate(load_yaml(name_or_path))

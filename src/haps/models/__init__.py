@@ -1,0 +1,1 @@
+"""Model pool, backends (local transformers, OpenAI-compatible API) and per-request LoRA."""

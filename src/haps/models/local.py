@@ -1,0 +1,332 @@
+"""Local backend: any Hugging Face causal LM through transformers, batched, with per-request LoRA.
+
+`generate` runs our own lean decode loop over the transformers model (prefill, then one token per
+step with the model's KV cache): left padding, explicit position ids, every row finishing on its own
+(EOS, stop string, max tokens), finished rows leaving the batch (cache, mask and adapters are
+compacted), greedy or temperature/top-p sampling per row, and per-token log-probs.
+
+`score` recomputes summed log-probs of given completions with gradients (teacher forcing), with the
+vocabulary projection chunked and checkpointed so a 262k-token head never holds (T, V) logits.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from haps.config import LoraTarget, ModelSpec
+from haps.errors import ConfigError, ModelLoadError
+from haps.models.lora import LoRAInjector
+from haps.models.sources import resolve
+from haps.models.types import Generation, GenRequest, RowAdapter
+
+# A plain template for models that ship none (base models): role-tagged turns, then the assistant tag.
+PLAIN_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
+    "{% else %}Assistant: {{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    model_type: str
+    layers: int
+    hidden_size: int
+    vocab_size: int
+    params: int
+    o_proj_in: int
+    o_proj_out: int
+
+
+class LocalModel:
+    """One loaded transformers causal LM plus its tokenizer and (lazily) its LoRA injector."""
+
+    def __init__(self, spec: ModelSpec, model: nn.Module, tokenizer, max_batch_size: int = 64) -> None:
+        self.spec = spec
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self._injector: LoRAInjector | None = None
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if spec.chat_template:
+            tokenizer.chat_template = spec.chat_template
+        elif not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+        eos = set()
+        for src in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+            if isinstance(src, int):
+                eos.add(src)
+            elif src:
+                eos.update(int(e) for e in src)
+        self.eos_ids = eos
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, spec: ModelSpec, cache_dir=None, max_batch_size: int = 64) -> LocalModel:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        src = resolve(spec, cache_dir)
+        try:
+            tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(
+                src.path, gguf_file=src.gguf_file, dtype=getattr(torch, spec.dtype)
+            )
+        except OSError as e:
+            raise ModelLoadError(f"model {spec.name!r}: cannot load from {src.path!r}: {e}") from e
+        model.eval().requires_grad_(False)
+        return cls(spec, model, tok, max_batch_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def info(self) -> ModelInfo:
+        cfg = self.model.config
+        inj = self.injector(LoraTarget(last_k_layers=1)) if self._injector is None else self._injector
+        d_out, d_in = inj.shapes[-1]
+        return ModelInfo(
+            name=self.spec.name, model_type=cfg.model_type, layers=cfg.num_hidden_layers,
+            hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
+            params=sum(p.numel() for p in self.model.parameters()), o_proj_in=d_in, o_proj_out=d_out,
+        )
+
+    def injector(self, target: LoraTarget) -> LoRAInjector:
+        """The LoRA wrappers for ``target`` (created once; a different target re-wraps)."""
+        if self._injector is None or self._injector.target != target:
+            self._injector = LoRAInjector(self.model, target)
+        return self._injector
+
+    # ------------------------------------------------------------------ prompts
+    def render(self, req: GenRequest) -> str:
+        if req.prompt is not None:
+            return req.prompt
+        return self.tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+
+    def encode(self, req: GenRequest) -> tuple[str, list[int]]:
+        text = self.render(req)
+        # chat templates write their own special tokens; raw prompts get the tokenizer's (e.g. BOS)
+        ids = self.tokenizer(text, add_special_tokens=req.prompt is not None)["input_ids"]
+        return text, list(ids)
+
+    def _left_pad(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        L = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), L), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if s:
+                ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long)
+                mask[i, L - len(s):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, requests: Sequence[GenRequest], target: LoraTarget | None = None,
+                 seed: int | None = None) -> list[Generation]:
+        """Generate for all requests, in length-sorted chunks of at most ``max_batch_size`` rows."""
+        if not requests:
+            return []
+        if any(r.adapter is not None for r in requests):
+            if not self.spec.open_weights:
+                raise ConfigError(f"model {self.spec.name!r} is closed: it takes no adapters.")
+            if target is None:
+                raise ConfigError("requests carry adapters but no LoraTarget was given.")
+        encoded = [self.encode(r) for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: len(encoded[i][1]))
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(seed if seed is not None else torch.seed() % (2**63))
+        results: list[Generation | None] = [None] * len(requests)
+        for start in range(0, len(order), self.max_batch_size):
+            idx = order[start:start + self.max_batch_size]
+            outs = self._generate_batch([requests[i] for i in idx], [encoded[i] for i in idx], target, gen)
+            for i, o in zip(idx, outs):
+                results[i] = o
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(self, reqs, encoded, target, gen) -> list[Generation]:
+        tok = self.tokenizer
+        b = len(reqs)
+        ids, mask = self._left_pad([e[1] for e in encoded])
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, L)
+        inj = self.injector(target) if target is not None else self._injector
+        stacked = inj.stack([r.adapter for r in reqs], self.device, self.model.dtype) if inj else None
+        if inj is not None:
+            inj.set(stacked)
+        temps = torch.tensor([max(r.temperature, 0.0) for r in reqs])
+        top_ps = torch.tensor([r.top_p for r in reqs])
+        max_new = [r.max_new_tokens for r in reqs]
+        stops = [r.stop for r in reqs]
+        tail_tokens = [max((len(s) for s in st), default=0) + 2 for st in stops]
+        out_ids: list[list[int]] = [[] for _ in range(b)]
+        out_lp: list[list[float]] = [[] for _ in range(b)]
+        finish: list[str | None] = [None] * b
+        alive = torch.arange(b)  # batch row -> request index
+        try:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                use_cache=True, logits_to_keep=1).logits[:, -1, :]
+            next_pos = pos[:, -1] + 1  # (b,)
+            while True:
+                tokens, lps = self._pick(logits, temps[alive], top_ps[alive], gen)
+                done_rows = []
+                for j, req_i in enumerate(alive.tolist()):
+                    t = tokens[j]
+                    out_ids[req_i].append(t)
+                    out_lp[req_i].append(lps[j])
+                    if t in self.eos_ids:
+                        finish[req_i] = "eos"
+                    elif stops[req_i] and any(
+                        s in tok.decode(out_ids[req_i][-tail_tokens[req_i]:]) for s in stops[req_i]
+                    ):
+                        finish[req_i] = "stop"
+                    elif len(out_ids[req_i]) >= max_new[req_i]:
+                        finish[req_i] = "length"
+                    if finish[req_i] is not None:
+                        done_rows.append(j)
+                if len(done_rows) == len(alive):
+                    break
+                step_tokens = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (b', 1)
+                if done_rows:  # compact: finished rows leave the batch
+                    keep = torch.tensor([j for j in range(len(alive)) if j not in set(done_rows)],
+                                        device=self.device)
+                    alive = alive[keep.cpu()]
+                    cache.batch_select_indices(keep)
+                    mask = mask.index_select(0, keep)
+                    next_pos = next_pos.index_select(0, keep)
+                    step_tokens = step_tokens.index_select(0, keep)
+                    if inj is not None and stacked is not None:
+                        inj.select_rows(keep)
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                logits = self.model(input_ids=step_tokens, attention_mask=mask, position_ids=next_pos[:, None],
+                                    past_key_values=cache, use_cache=True).logits[:, -1, :]
+                next_pos = next_pos + 1
+        finally:
+            if inj is not None:
+                inj.set(None)
+        results = []
+        for i, r in enumerate(reqs):
+            ids_i = out_ids[i]
+            body = ids_i[:-1] if finish[i] == "eos" else ids_i
+            text = tok.decode(body, skip_special_tokens=True)
+            if finish[i] == "stop":
+                cut = min((text.find(s) for s in stops[i] if s in text), default=-1)
+                if cut >= 0:
+                    text = text[:cut]
+            n_in, n_out = len(encoded[i][1]), len(ids_i)
+            results.append(Generation(
+                text=text, model=self.spec.name, token_ids=ids_i, logprobs=out_lp[i], prompt_tokens=n_in,
+                completion_tokens=n_out, finish_reason=finish[i] or "length",
+                cost=self.spec.cost(n_in, n_out), prompt_text=encoded[i][0],
+            ))
+        return results
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor,
+              gen: torch.Generator) -> tuple[list[int], list[float]]:
+        """Next token per row (greedy where temperature is 0) and its log-prob at temperature 1.
+
+        logits: (b, V); temps, top_ps: (b,).
+        """
+        logits = logits.float()
+        logz = torch.logsumexp(logits, dim=-1)  # (b,)
+        choice = logits.argmax(dim=-1)  # (b,)
+        sampled = (temps > 0).nonzero().flatten()
+        if sampled.numel():
+            sl = logits.index_select(0, sampled.to(logits.device)) / temps[sampled].to(logits.device)[:, None]
+            probs = torch.softmax(sl, dim=-1)  # (s, V)
+            sp, si = probs.sort(dim=-1, descending=True)
+            cum = sp.cumsum(-1)
+            drop = (cum - sp) > top_ps[sampled].to(logits.device)[:, None]  # keep the smallest nucleus
+            sp = sp.masked_fill(drop, 0.0)
+            k = torch.multinomial(sp.cpu(), 1, generator=gen).to(logits.device)  # (s, 1)
+            choice[sampled.to(logits.device)] = si.gather(1, k).squeeze(1)
+        lp = logits.gather(1, choice[:, None]).squeeze(1) - logz
+        return choice.tolist(), lp.tolist()
+
+    # ------------------------------------------------------------------ scoring (teacher forcing)
+    def score(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
+              adapters: Sequence[RowAdapter | None] | None = None, target: LoraTarget | None = None,
+              chunk_bytes: int = 128 * 2**20) -> torch.Tensor:
+        """Summed log-probs of each completion given its prompt, with gradients to the adapters.
+
+        Returns (b,). The head runs on chunks of at most ``chunk_bytes`` of logits, recomputed in
+        backward (checkpointing), so peak memory holds one chunk, not (sum T, V).
+        """
+        if len(prompt_ids) != len(completion_ids):
+            raise ConfigError(f"score: {len(prompt_ids)} prompts but {len(completion_ids)} completions.")
+        seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+        ids, mask = self._left_pad(seqs)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        L = ids.shape[1]
+        rows, cols, targets = [], [], []
+        for i, c in enumerate(completion_ids):
+            n = len(c)
+            rows += [i] * n
+            cols += list(range(L - 1 - n, L - 1))  # position t predicts token t+1
+            targets += list(c)
+        inj = None
+        if adapters is not None and any(a is not None for a in adapters):
+            if target is None:
+                raise ConfigError("score: adapters given but no LoraTarget.")
+            inj = self.injector(target)
+        elif self._injector is not None:
+            inj = self._injector
+        try:
+            if inj is not None:
+                inj.set(inj.stack(adapters, self.device, self.model.dtype) if adapters is not None else None)
+            hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                              use_cache=False).last_hidden_state  # (b, L, d)
+        finally:
+            if inj is not None:
+                inj.set(None)
+        if not targets:
+            return hidden.new_zeros(len(seqs))
+        h = hidden[torch.tensor(rows), torch.tensor(cols)]  # (N, d)
+        tgt = torch.tensor(targets, device=h.device)  # (N,)
+        head = self.model.get_output_embeddings()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        V = head.weight.shape[0]
+        step = max(1, chunk_bytes // (V * 4 * 2))
+        token_lp = torch.cat([
+            _chunk_logprob(h[s:s + step], tgt[s:s + step], head, cap) for s in range(0, h.shape[0], step)
+        ])  # (N,)
+        out = hidden.new_zeros(len(seqs))
+        return out.index_add(0, torch.tensor(rows, device=h.device), token_lp)
+
+
+def _head_logprob(h: torch.Tensor, tgt: torch.Tensor, weight: torch.Tensor, bias, cap) -> torch.Tensor:
+    logits = torch.nn.functional.linear(h, weight, bias).float()  # (n, V)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def _chunk_logprob(h, tgt, head: nn.Linear, cap) -> torch.Tensor:
+    if torch.is_grad_enabled() and h.requires_grad:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(_head_logprob, h, tgt, head.weight, head.bias, cap, use_reentrant=False)
+    return _head_logprob(h, tgt, head.weight, head.bias, cap)
+
+
+def tokens_per_second(n_tokens: int, seconds: float) -> float:
+    return n_tokens / seconds if seconds > 0 else math.inf
+
+
+def timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0

@@ -1,0 +1,71 @@
+"""Request and result types shared by every backend (local transformers, OpenAI-compatible API)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
+
+FinishReason = Literal["eos", "stop", "length", "error"]
+
+
+@dataclass
+class RowAdapter:
+    """Per-request LoRA for one model: one (A, B) pair per injected layer, last-k order.
+
+    A: (d_out, r), B: (r, d_in), so that the update is ``alpha * A @ B`` (shape of the base weight W,
+    which is (d_out, d_in)). Tensors may carry gradients (they come from the low-level router).
+    """
+
+    A: list[torch.Tensor]
+    B: list[torch.Tensor]
+
+    def __post_init__(self) -> None:
+        if len(self.A) != len(self.B):
+            from haps.errors import ShapeError
+
+            raise ShapeError(f"RowAdapter needs as many A as B matrices, got {len(self.A)} A and {len(self.B)} B.")
+
+
+@dataclass
+class GenRequest:
+    """One generation request: chat ``messages`` or a raw completion ``prompt`` (exactly one)."""
+
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    adapter: RowAdapter | None = None
+    tag: str = ""  # free text for the caller (episode id, role)
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            from haps.errors import ConfigError
+
+            raise ConfigError("GenRequest takes exactly one of `messages` (chat) or `prompt` (completion).")
+        if self.max_new_tokens < 1:
+            from haps.errors import ConfigError
+
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+
+
+@dataclass
+class Generation:
+    """Result of one request. ``token_ids`` and ``logprobs`` are aligned (one log-prob per generated
+    token, under the unmodified model distribution at temperature 1); ``text`` is cut before a stop
+    string. API models report token counts but no ids or log-probs."""
+
+    text: str
+    model: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: FinishReason = "length"
+    cost: float = 0.0
+    error: str | None = None
+    prompt_text: str = ""  # exactly what the model saw (after templating); used to re-score for RL
