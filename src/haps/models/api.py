@@ -1,0 +1,172 @@
+"""API backend: closed models behind an OpenAI-compatible chat-completions endpoint.
+
+`ApiModel.generate` sends each request as one chat completion (a raw ``prompt`` request becomes a
+single user message: closed chat APIs have no raw-completion endpoint), up to ``max_concurrency``
+at once from a thread pool, and retries with exponential backoff on connection errors, timeouts,
+429 and 5xx (never on other 4xx: the same request would fail again). A failed request affects only
+its own row: its Generation has ``finish_reason="error"``, the message in ``error`` and empty text.
+
+Semantics, per row::
+
+    for attempt in 0..max_retries:
+        try: response = POST {base_url}/chat/completions; break
+        except retryable: sleep(min(backoff_s * 2**attempt, backoff_max_s))
+        except other: break
+    text, usage, finish_reason <- response   (or an error row)
+    cost = spec.cost(usage.prompt_tokens, usage.completion_tokens)
+
+API models report token counts but no token ids, log-probs or rendered prompt.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from haps.config import LoraTarget, ModelSpec
+from haps.errors import ConfigError
+from haps.models.types import FinishReason, Generation, GenRequest
+
+# Sent as the bearer token when the spec names no key variable (local OpenAI-compatible servers
+# accept any key). A placeholder, so that a key in OPENAI_API_KEY never leaks to such a server.
+NO_KEY = "no-key"
+
+
+class ApiModel:
+    """One closed model served by an OpenAI-compatible HTTP API (model id: ``spec.source`` or ``spec.name``)."""
+
+    def __init__(self, spec: ModelSpec, *, backoff_s: float = 0.5, backoff_max_s: float = 8.0) -> None:
+        """``backoff_s``: first retry delay, doubled per retry up to ``backoff_max_s`` (seconds)."""
+        if spec.backend != "api" or not spec.base_url:
+            raise ConfigError(f"model {spec.name!r}: ApiModel needs backend 'api' and a base_url, got backend "
+                              f"{spec.backend!r}, base_url {spec.base_url!r}.")
+        if backoff_s < 0 or backoff_max_s < 0:
+            raise ConfigError(f"backoff_s and backoff_max_s must be >= 0, got {backoff_s} and {backoff_max_s}.")
+        import openai
+
+        self.spec = spec
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+        self._openai = openai
+        # retries are ours (configurable backoff, per-row accounting), so the client's own are off
+        self.client = openai.OpenAI(api_key=self._api_key(spec), base_url=spec.base_url, timeout=spec.timeout_s,
+                                    max_retries=0)
+
+    @staticmethod
+    def _api_key(spec: ModelSpec) -> str:
+        if not spec.api_key_env:
+            return NO_KEY
+        key = os.environ.get(spec.api_key_env)
+        if not key:
+            raise ConfigError(
+                f"model {spec.name!r}: its API key is read from the environment variable {spec.api_key_env!r}, "
+                f"which is not set. Export {spec.api_key_env}=<key>, or remove api_key_env from the pool config "
+                "for a server that needs no key."
+            )
+        return key
+
+    @property
+    def model_id(self) -> str:
+        return self.spec.source or self.spec.name
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, requests: Sequence[GenRequest], target: LoraTarget | None = None,
+                 seed: int | None = None) -> list[Generation]:
+        """One Generation per request, in order; a failed request gives an error row, never an exception.
+
+        ``target`` is accepted for the Backend interface and ignored: requests must carry no adapter.
+        """
+        if any(r.adapter is not None for r in requests):
+            raise ConfigError(f"model {self.spec.name!r} is closed (API): requests for it must carry no adapter.")
+        if not requests:
+            return []
+        workers = min(self.spec.max_concurrency, len(requests))
+        if workers == 1:
+            return [self._one(r, seed) for r in requests]
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"api-{self.spec.name}") as ex:
+            return list(ex.map(lambda r: self._one(r, seed), requests))
+
+    def _one(self, req: GenRequest, seed: int | None) -> Generation:
+        try:
+            resp = self._call_with_retries(req, seed)
+        except Exception as e:  # noqa: BLE001 - a failed request becomes its own error row
+            return Generation(text="", model=self.spec.name, finish_reason="error", error=_describe(e))
+        try:
+            choice = resp.choices[0]
+            text = choice.message.content or ""
+            usage = resp.usage
+            n_in = int(usage.prompt_tokens) if usage is not None else 0
+            n_out = int(usage.completion_tokens) if usage is not None else 0
+        except (AttributeError, IndexError, TypeError, ValueError) as e:
+            return Generation(text="", model=self.spec.name, finish_reason="error",
+                              error=f"malformed response from {self.spec.base_url}: {e}")
+        return Generation(
+            text=text, model=self.spec.name, prompt_tokens=n_in, completion_tokens=n_out,
+            finish_reason=map_finish_reason(choice.finish_reason, getattr(choice, "stop_reason", None)),
+            cost=self.spec.cost(n_in, n_out),
+        )
+
+    def _call_with_retries(self, req: GenRequest, seed: int | None):
+        messages = req.messages if req.messages is not None else [{"role": "user", "content": req.prompt}]
+        kwargs = dict(model=self.model_id, messages=messages, max_tokens=req.max_new_tokens,
+                      temperature=req.temperature, top_p=req.top_p)
+        if req.stop:
+            kwargs["stop"] = list(req.stop)
+        if seed is not None:
+            kwargs["seed"] = seed
+        attempts = self.spec.max_retries + 1
+        for attempt in range(attempts):
+            try:
+                return self.client.chat.completions.create(**kwargs)
+            except Exception as e:
+                if not self._retryable(e) or attempt == attempts - 1:
+                    raise _Failed(e, attempt + 1) from e
+                time.sleep(min(self.backoff_s * 2**attempt, self.backoff_max_s))
+        raise AssertionError("unreachable")
+
+    def _retryable(self, e: Exception) -> bool:
+        o = self._openai
+        if isinstance(e, o.APIConnectionError):  # includes APITimeoutError
+            return True
+        if isinstance(e, o.APIStatusError):
+            return e.status_code == 429 or e.status_code >= 500
+        return False
+
+
+class _Failed(Exception):
+    def __init__(self, cause: Exception, attempts: int) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.attempts = attempts
+
+
+def _describe(e: Exception) -> str:
+    attempts = ""
+    if isinstance(e, _Failed):
+        attempts = f" (after {e.attempts} attempt{'s' if e.attempts != 1 else ''})"
+        e = e.cause
+    status = getattr(e, "status_code", None)
+    body = getattr(e, "body", None)
+    msg = str(e)
+    if isinstance(body, dict):  # OpenAI-shaped error body: {"error": {"message": ...}} or its inner dict
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            msg = str(inner["message"])
+    head = f"HTTP {status}" if status is not None else type(e).__name__
+    return f"{head}{attempts}: {msg}"
+
+
+def map_finish_reason(reason: str | None, stop_reason: object = None) -> FinishReason:
+    """OpenAI finish reasons -> ours.
+
+    ``length`` -> length. ``stop`` means "end of turn or a stop string": servers that say which
+    (vLLM and haps serve put the matched string in ``stop_reason``) give ``stop``; otherwise it is
+    ``eos``. Anything else (``content_filter``, ``tool_calls``) stopped the text early: ``stop``.
+    """
+    if reason == "length":
+        return "length"
+    if reason == "stop" or reason is None:
+        return "stop" if isinstance(stop_reason, str) else "eos"
+    return "stop"
