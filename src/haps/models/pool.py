@@ -6,7 +6,7 @@ one model to its backend and returns one Generation per request, each priced fro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -59,9 +59,15 @@ def _key(spec: ModelSpec, cache: Path) -> tuple:
 class ModelPool:
     """Lazily loaded backends for the models of a PoolConfig."""
 
-    def __init__(self, config: PoolConfig) -> None:
+    def __init__(self, config: PoolConfig, backends: Mapping[str, Backend] | None = None) -> None:
+        """``backends``: already-built backends by model name (e.g. a LocalModel made in a test); they
+        are used as they are instead of being loaded from the spec. Each name must be in ``config``."""
         self.config = config
         self.cache = cache_root(config)
+        self._given: dict[str, Backend] = {}
+        for name, be in (backends or {}).items():
+            self.config.get(name)  # raises ConfigError naming the pool's models
+            self._given[name] = be
 
     @property
     def names(self) -> list[str]:
@@ -72,6 +78,8 @@ class ModelPool:
 
     def backend(self, name: str) -> Backend:
         spec = self.spec(name)
+        if name in self._given:
+            return self._given[name]
         if spec.backend not in BACKENDS:
             raise ConfigError(f"model {name!r}: unknown backend {spec.backend!r}; known: {sorted(BACKENDS)}.")
         key = _key(spec, self.cache)
