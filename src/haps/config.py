@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from haps.errors import ConfigError
 
@@ -165,4 +165,7 @@ def load_pool(name_or_path: str) -> PoolConfig:
         raise ConfigError(
             f"pool {name_or_path!r} is neither a built-in pool ({builtin_pool_names()}) nor an existing YAML file."
         )
-    return PoolConfig.model_validate(load_yaml(name_or_path))
+    try:
+        return PoolConfig.model_validate(load_yaml(name_or_path))
+    except ValidationError as e:
+        raise ConfigError(f"pool file {name_or_path!r} is invalid: {e}") from e

@@ -143,9 +143,18 @@ class LocalModel:
             if target is None:
                 raise ConfigError("requests carry adapters but no LoraTarget was given.")
         encoded = [self.encode(r) for r in requests]
+        for i, (_, ids) in enumerate(encoded):
+            if not ids:
+                raise ConfigError(
+                    f"request {i} renders to an empty prompt (no tokens; this tokenizer adds no BOS): "
+                    "give a non-empty prompt or messages."
+                )
         order = sorted(range(len(requests)), key=lambda i: len(encoded[i][1]))
         gen = torch.Generator(device="cpu")
-        gen.manual_seed(seed if seed is not None else torch.seed() % (2**63))
+        if seed is not None:
+            gen.manual_seed(seed)
+        else:
+            gen.seed()  # non-deterministic, and leaves the global torch RNG alone
         results: list[Generation | None] = [None] * len(requests)
         for start in range(0, len(order), self.max_batch_size):
             idx = order[start:start + self.max_batch_size]
@@ -267,6 +276,12 @@ class LocalModel:
         """
         if len(prompt_ids) != len(completion_ids):
             raise ConfigError(f"score: {len(prompt_ids)} prompts but {len(completion_ids)} completions.")
+        empty = [i for i, p in enumerate(prompt_ids) if len(p) == 0]
+        if empty:
+            raise ConfigError(
+                f"score: row {empty[0]} has an empty prompt; the first completion token needs at least one "
+                "prompt token (e.g. BOS) to be predicted from."
+            )
         seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
         ids, mask = self._left_pad(seqs)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
