@@ -1,0 +1,253 @@
+"""The `Workflow` interface, its registry, per-episode state and the records an episode leaves.
+
+A workflow is a per-episode state machine driven from outside (by `haps.workflows.runner`):
+
+    state = wf.start(problem, styles)          # styles: role -> "chat" | "completion"
+    while not wf.done(state):
+        for call in wf.pending(state):         # usually one call: PendingCall(role, GenRequest)
+            gen = <the model assigned to call.role>.generate(call.request)
+            wf.advance(state, call.role, gen)  # parses, acts (e.g. retrieves), records a Turn
+    prediction = wf.result(state)
+
+The workflow never calls a model itself, so a runner can gather the pending calls of many
+episodes and send them to each model as one batch (paper, Appendix E.2).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ValidationError
+
+from haps.errors import ConfigError
+from haps.models.types import Generation, GenRequest
+
+Style = Literal["chat", "completion"]
+TurnKind = Literal["act", "summary"]
+
+
+@dataclass
+class PendingCall:
+    """One generation an episode is waiting for. ``request`` carries the prompt and stop strings;
+    the runner sets sampling, the adapter and the tag."""
+
+    role: str
+    request: GenRequest
+    kind: TurnKind = "act"
+
+
+@dataclass
+class Turn:
+    """One model call of an episode. The last three fields are for RL (re-scoring with adapters):
+    they stay in memory and are written to logs only on request."""
+
+    role: str
+    model: str
+    kind: TurnKind
+    round: int
+    prompt: str  # the user message (chat) or the raw completion prompt
+    output: str  # the model's text (completion-style outputs get their answer prefix back)
+    action: str | None = None  # parsed action: "Search[x]", "Finish[x]", "[Continue]", "Choice: B", ...
+    retrieved: str | None = None  # the passage(s) a Search returned
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost: float = 0.0
+    parse_error: str | None = None
+    finish_reason: str = ""
+    token_ids: list[int] = field(default_factory=list, repr=False)
+    logprobs: list[float] = field(default_factory=list, repr=False)
+    prompt_text: str = field(default="", repr=False)  # exactly what the model saw (templated)
+
+    RL_FIELDS: ClassVar[tuple[str, ...]] = ("token_ids", "logprobs", "prompt_text")
+
+    def to_dict(self, include_rl: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not include_rl:
+            for k in self.RL_FIELDS:
+                d.pop(k)
+        return d
+
+    def drop_rl(self) -> None:
+        self.token_ids, self.logprobs, self.prompt_text = [], [], ""
+
+
+@dataclass
+class EpisodeResult:
+    """One finished episode: its turns, prediction and score (F1 for HotpotQA, accuracy for MMLU)."""
+
+    id: str
+    task: str
+    assignment: dict[str, str]
+    turns: list[Turn]
+    prediction: str | None
+    gold: str
+    score: float
+    em: float
+    tokens_in: int
+    tokens_out: int
+    cost: float
+
+    @property
+    def parse_failures(self) -> int:
+        return sum(1 for t in self.turns if t.parse_error)
+
+    def to_dict(self, include_rl: bool = False) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "turns"}
+        d["turns"] = [t.to_dict(include_rl) for t in self.turns]
+        d["parse_failures"] = self.parse_failures
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EpisodeResult:
+        names = {f.name for f in fields(cls)}
+        turn_names = {f.name for f in fields(Turn)}
+        kw = {k: v for k, v in d.items() if k in names and k != "turns"}
+        turns = [Turn(**{k: v for k, v in t.items() if k in turn_names}) for t in d.get("turns", [])]
+        return cls(turns=turns, **kw)
+
+
+@dataclass
+class EpisodeState:
+    """What every workflow's state holds; workflows subclass it with their own fields."""
+
+    problem: Any
+    styles: dict[str, Style]
+    turns: list[Turn] = field(default_factory=list)
+    finished: bool = False
+    prediction: str | None = None
+    round: int = 0
+    waiting: list[PendingCall] = field(default_factory=list)
+
+
+class Workflow(ABC):
+    """A multi-agent system as a per-episode state machine (see the module docstring)."""
+
+    name: ClassVar[str]
+    roles: ClassVar[tuple[str, ...]] = ("teacher", "student")
+    task_description: ClassVar[str]
+    role_definitions: ClassVar[dict[str, str]]
+
+    @abstractmethod
+    def problem_text(self, problem) -> str:
+        """The problem as shown to the router (the "problem" part of the routing prompt)."""
+
+    @abstractmethod
+    def start(self, problem, styles: Mapping[str, Style] | None = None) -> EpisodeState:
+        """A fresh episode. ``styles`` says, per role, whether its model gets chat messages or a
+        completion-style prompt with a worked example (base models); default chat."""
+
+    def pending(self, state: EpisodeState) -> list[PendingCall]:
+        """The calls the episode waits for (empty once done)."""
+        return [] if state.finished else list(state.waiting)
+
+    @abstractmethod
+    def advance(self, state: EpisodeState, role: str, generation: Generation) -> None:
+        """Consume the generation for the first pending call of ``role``; record a Turn."""
+
+    def done(self, state: EpisodeState) -> bool:
+        return state.finished
+
+    def result(self, state: EpisodeState) -> str | None:
+        return state.prediction
+
+    @abstractmethod
+    def gold(self, problem) -> str:
+        """The reference answer as logged."""
+
+    @abstractmethod
+    def score(self, problem, prediction: str | None) -> tuple[float, float]:
+        """(score, exact match) of a prediction."""
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def _styles(self, styles: Mapping[str, Style] | None) -> dict[str, Style]:
+        out: dict[str, Style] = {r: "chat" for r in self.roles}
+        for role, style in (styles or {}).items():
+            if role not in self.roles:
+                raise ConfigError(f"workflow {self.name!r}: unknown role {role!r}; roles are {list(self.roles)}.")
+            if style not in ("chat", "completion"):
+                raise ConfigError(f"role {role!r}: style must be 'chat' or 'completion', got {style!r}.")
+            out[role] = style
+        return out
+
+    @staticmethod
+    def _take(state: EpisodeState, role: str) -> PendingCall:
+        for i, call in enumerate(state.waiting):
+            if call.role == role:
+                return state.waiting.pop(i)
+        raise ConfigError(f"advance: the episode is not waiting for a {role!r} call "
+                          f"(waiting for {[c.role for c in state.waiting]}).")
+
+    @staticmethod
+    def _record(state: EpisodeState, call: PendingCall, gen: Generation, output: str, *,
+                action: str | None = None, retrieved: str | None = None,
+                parse_error: str | None = None) -> Turn:
+        req = call.request
+        turn = Turn(
+            role=call.role, model=gen.model, kind=call.kind, round=state.round,
+            prompt=req.prompt if req.prompt is not None else "\n\n".join(m["content"] for m in req.messages or []),
+            output=output, action=action, retrieved=retrieved, tokens_in=gen.prompt_tokens,
+            tokens_out=gen.completion_tokens, cost=gen.cost, parse_error=parse_error,
+            finish_reason=gen.finish_reason, token_ids=list(gen.token_ids), logprobs=list(gen.logprobs),
+            prompt_text=gen.prompt_text,
+        )
+        state.turns.append(turn)
+        return turn
+
+
+def build_options(cls: type[BaseModel], workflow: str, options: Mapping[str, Any]) -> BaseModel:
+    """``cls(**options)``; a bad or unknown option raises ConfigError listing the valid ones."""
+    try:
+        return cls(**options)
+    except ValidationError as e:
+        valid = ", ".join(f"{k} (default {v.default!r})" for k, v in cls.model_fields.items())
+        msgs = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
+                         for err in e.errors())
+        raise ConfigError(f"workflow {workflow!r}: invalid options: {msgs}. Valid options: {valid}.") from None
+
+
+def generation_text(gen: Generation) -> str:
+    """The text of a generation; a failed call (API error) counts as an empty output."""
+    return gen.text if gen.error is None else ""
+
+
+def generation_error(gen: Generation) -> str | None:
+    return f"generation failed: {gen.error}" if gen.error else None
+
+
+# ---------------------------------------------------------------------- registry
+WORKFLOWS: dict[str, type[Workflow]] = {}
+
+
+def register_workflow(name: str):
+    """Class decorator: make a Workflow available to `get_workflow(name)`."""
+
+    def deco(cls: type[Workflow]) -> type[Workflow]:
+        if name in WORKFLOWS and WORKFLOWS[name] is not cls:
+            raise ConfigError(f"workflow name {name!r} is already registered by {WORKFLOWS[name].__name__}.")
+        cls.name = name
+        WORKFLOWS[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_builtin() -> None:
+    # importing the modules registers them
+    from haps.workflows import hotpotqa as _h  # noqa: F401
+    from haps.workflows import mmlu as _m  # noqa: F401
+
+
+def workflow_names() -> list[str]:
+    _load_builtin()
+    return sorted(WORKFLOWS)
+
+
+def get_workflow(name: str, **options) -> Workflow:
+    """The workflow ``name`` built with ``options`` (e.g. budget=3, top_k=1, summaries=True)."""
+    _load_builtin()
+    if name not in WORKFLOWS:
+        raise ConfigError(f"unknown workflow {name!r}; valid names: {sorted(WORKFLOWS)}.")
+    return WORKFLOWS[name](**options)

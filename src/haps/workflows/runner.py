@@ -1,0 +1,251 @@
+"""Lockstep episode runner: many episodes advance together, one batched call per model per step.
+
+Semantics::
+
+    live = first max_live episodes (all by default), each started by workflow.start
+    while live:
+        calls = [(episode, call) for episode in live for call in workflow.pending(episode)]
+        for model, bucket in group_by(calls, key=assignment[episode][call.role]):   # paper, App. E.2
+            gens = pool.generate(model, [call.request + sampling + adapter of its role])
+            for (episode, call), gen in zip(bucket, gens):
+                workflow.advance(episode, call.role, gen)
+        for episode in live if workflow.done(episode):
+            score it, append its JSONL line (flush + fsync), replace it by the next waiting episode
+
+``max_live=1`` runs the same episodes one at a time (the reference the benchmark compares to).
+With greedy decoding both give the same predictions, up to float rounding in batched kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from haps.errors import ConfigError
+from haps.models.types import GenRequest, RowAdapter
+from haps.workflows.base import EpisodeResult, EpisodeState, Workflow
+
+
+class Sampling(BaseModel):
+    """Decoding settings for every call of an episode."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float = Field(default=0.0, ge=0, description="0 = greedy.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(default=256, ge=1, description="Per call (paper prompts ask for <= 256 tokens).")
+
+
+@dataclass
+class EpisodeJob:
+    """One episode to run: a problem, a model per role, and optionally a LoRA adapter per role."""
+
+    problem: Any
+    assignment: dict[str, str]
+    adapters: dict[str, RowAdapter | None] | None = None
+
+
+@dataclass
+class RunStats:
+    """Totals of one `run_episodes` call (also returned by `summarize`)."""
+
+    episodes: int = 0
+    turns: int = 0
+    parse_failures: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost: float = 0.0
+    wall_s: float = 0.0
+    calls: int = 0  # pool.generate calls (batches)
+
+    @property
+    def episodes_per_s(self) -> float:
+        return self.episodes / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_out / self.wall_s if self.wall_s > 0 else 0.0
+
+
+def _check_jobs(pool, workflow: Workflow, jobs: Sequence[EpisodeJob]) -> None:
+    names = set(pool.names)
+    for n, job in enumerate(jobs):
+        missing = [r for r in workflow.roles if r not in job.assignment]
+        if missing:
+            raise ConfigError(f"job {n} ({getattr(job.problem, 'id', '?')}): no model for role(s) {missing}; "
+                              f"give one per role of {workflow.name!r}: {list(workflow.roles)}.")
+        for role, model in job.assignment.items():
+            if role not in workflow.roles:
+                raise ConfigError(f"job {n}: unknown role {role!r}; roles of {workflow.name!r}: {list(workflow.roles)}.")
+            if model not in names:
+                raise ConfigError(f"job {n}: role {role!r} is assigned {model!r}, which is not in the pool "
+                                  f"({sorted(names)}).")
+            adapter = (job.adapters or {}).get(role)
+            if adapter is not None and not pool.spec(model).open_weights:
+                raise ConfigError(f"job {n}: role {role!r} runs on closed model {model!r}, which takes no "
+                                  "adapter; pass None for it.")
+
+
+class _Log:
+    """Appends one JSON line per episode, flushed and fsync'd, so a killed run leaves whole lines."""
+
+    def __init__(self, path: str | os.PathLike | None, include_rl: bool) -> None:
+        self.include_rl = include_rl
+        self.f = None
+        if path is not None:
+            p = Path(path)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            self.f = open(p, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def write(self, result: EpisodeResult) -> None:
+        if self.f is None:
+            return
+        self.f.write(json.dumps(result.to_dict(self.include_rl), ensure_ascii=False) + "\n")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+
+
+class _Progress:
+    """A rich progress bar with episodes/s and tokens/s (a no-op when disabled)."""
+
+    def __init__(self, total: int, enabled: bool, label: str) -> None:
+        self.p = None
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), transient=False)
+        self.task = self.p.add_task(label, total=total, rate="")
+
+    def __enter__(self) -> _Progress:
+        if self.p is not None:
+            self.p.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.p is not None:
+            self.p.stop()
+
+    def update(self, done: int, tokens: int, elapsed: float) -> None:
+        if self.p is None:
+            return
+        eps = done / elapsed if elapsed > 0 else 0.0
+        tps = tokens / elapsed if elapsed > 0 else 0.0
+        self.p.update(self.task, completed=done, rate=f"{eps:.2f} ep/s  {tps:.0f} tok/s")
+
+
+def run_episodes(pool, workflow: Workflow, jobs: Sequence[EpisodeJob], *,
+                 sampling: Sampling | dict[str, Any] | None = None,
+                 record_logprobs: bool = False, log_path: str | os.PathLike | None = None,
+                 seed: int | None = None, progress: bool = True, max_live: int | None = None,
+                 stats: RunStats | None = None) -> list[EpisodeResult]:
+    """Run every job's episode in lockstep (see the module docstring); results in job order.
+
+    ``record_logprobs`` keeps each turn's generated token ids, log-probs and templated prompt in
+    memory (for RL); they are never written to the log. ``seed`` makes sampled runs repeatable
+    (call i of the run uses seed + i). ``stats``, if given, is filled with the run's totals.
+    """
+    sampling = Sampling.model_validate(sampling) if isinstance(sampling, dict) else (sampling or Sampling())
+    if max_live is not None and max_live < 1:
+        raise ConfigError(f"max_live must be >= 1 (or None for all at once), got {max_live}.")
+    _check_jobs(pool, workflow, jobs)
+    stats = stats if stats is not None else RunStats()
+    results: list[EpisodeResult | None] = [None] * len(jobs)
+    queue = deque(range(len(jobs)))
+    live: dict[int, EpisodeState] = {}
+    log = _Log(log_path, include_rl=False)
+    t0 = time.perf_counter()
+    n_calls = 0
+    try:
+        with _Progress(len(jobs), progress, f"{workflow.name} episodes") as bar:
+            while queue or live:
+                while queue and (max_live is None or len(live) < max_live):
+                    i = queue.popleft()
+                    job = jobs[i]
+                    styles = {r: "completion" if pool.spec(job.assignment[r]).completion_style else "chat"
+                              for r in workflow.roles}
+                    live[i] = workflow.start(job.problem, styles)
+                # gather the pending calls of every live episode, bucketed by model
+                buckets: dict[str, list[tuple[int, str, GenRequest]]] = {}
+                for i, state in live.items():
+                    for call in workflow.pending(state):
+                        model = jobs[i].assignment[call.role]
+                        adapter = (jobs[i].adapters or {}).get(call.role)
+                        req = replace(call.request, max_new_tokens=sampling.max_new_tokens,
+                                      temperature=sampling.temperature, top_p=sampling.top_p, adapter=adapter)
+                        buckets.setdefault(model, []).append((i, call.role, req))
+                for model, items in buckets.items():
+                    gens = pool.generate(model, [r for _, _, r in items],
+                                         seed=None if seed is None else seed + n_calls)
+                    n_calls += 1
+                    for (i, role, _), gen in zip(items, gens, strict=True):
+                        before = len(live[i].turns)
+                        workflow.advance(live[i], role, gen)
+                        if not record_logprobs:
+                            for turn in live[i].turns[before:]:
+                                turn.drop_rl()
+                        stats.tokens_in += gen.prompt_tokens
+                        stats.tokens_out += gen.completion_tokens
+                for i in [i for i, s in live.items() if workflow.done(s) or not workflow.pending(s)]:
+                    state = live.pop(i)
+                    res = _result(workflow, jobs[i], state)
+                    results[i] = res
+                    log.write(res)
+                    stats.episodes += 1
+                    stats.turns += len(res.turns)
+                    stats.parse_failures += res.parse_failures
+                    stats.cost += res.cost
+                    bar.update(stats.episodes, stats.tokens_out, time.perf_counter() - t0)
+    finally:
+        log.close()
+        stats.wall_s = time.perf_counter() - t0
+        stats.calls = n_calls
+    return results  # type: ignore[return-value]
+
+
+def _result(workflow: Workflow, job: EpisodeJob, state: EpisodeState) -> EpisodeResult:
+    problem = job.problem
+    pred = workflow.result(state)
+    score, em = workflow.score(problem, pred)
+    turns = state.turns
+    return EpisodeResult(
+        id=str(problem.id), task=workflow.name, assignment=dict(job.assignment), turns=turns, prediction=pred,
+        gold=workflow.gold(problem), score=score, em=em, tokens_in=sum(t.tokens_in for t in turns),
+        tokens_out=sum(t.tokens_out for t in turns), cost=sum(t.cost for t in turns),
+    )
+
+
+def summarize(results: Sequence[EpisodeResult], wall_s: float = 0.0) -> dict[str, float]:
+    """Mean score / EM, parse-failure rate (per turn), token and cost totals, rates."""
+    n = len(results)
+    turns = sum(len(r.turns) for r in results)
+    fails = sum(r.parse_failures for r in results)
+    tok_in = sum(r.tokens_in for r in results)
+    tok_out = sum(r.tokens_out for r in results)
+    return {
+        "episodes": n,
+        "score": sum(r.score for r in results) / n if n else 0.0,
+        "em": sum(r.em for r in results) / n if n else 0.0,
+        "turns": turns,
+        "parse_failure_rate": fails / turns if turns else 0.0,
+        "null_predictions": sum(1 for r in results if not r.prediction),
+        "tokens_in": tok_in,
+        "tokens_out": tok_out,
+        "cost": sum(r.cost for r in results),
+        "wall_s": wall_s,
+        "episodes_per_s": n / wall_s if wall_s > 0 else 0.0,
+        "tokens_per_s": tok_out / wall_s if wall_s > 0 else 0.0,
+    }
