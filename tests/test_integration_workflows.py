@@ -32,7 +32,7 @@ def test_hotpotqa_episodes_on_real_models(real_pool, data_root, tmp_path):
     jobs = [EpisodeJob(problems[0], {"teacher": "smollm2-135m", "student": "gemma3-270m"}),
             EpisodeJob(problems[1], {"teacher": "gemma3-270m", "student": "smollm2-135m"})]
     log = tmp_path / "hotpot.jsonl"
-    results = run_episodes(real_pool, wf, jobs, sampling=Sampling(max_new_tokens=40), log_path=log,
+    results = run_episodes(real_pool, wf, jobs, sampling=Sampling(max_new_tokens=32), log_path=log,
                            progress=False, record_logprobs=True)
     _check(results, jobs, log)
     first = results[0].turns[0]
@@ -52,7 +52,7 @@ def test_mmlu_episodes_on_real_models(real_pool, data_root, tmp_path):
     jobs = [EpisodeJob(problems[0], {"teacher": "smollm2-135m", "student": "gemma3-270m"}),
             EpisodeJob(problems[1], {"teacher": "gemma3-270m", "student": "smollm2-135m"})]
     log = tmp_path / "mmlu.jsonl"
-    results = run_episodes(real_pool, wf, jobs, sampling=Sampling(max_new_tokens=48), log_path=log, progress=False)
+    results = run_episodes(real_pool, wf, jobs, sampling=Sampling(max_new_tokens=32), log_path=log, progress=False)
     _check(results, jobs, log)
     for res in results:
         assert res.prediction in (None, "A", "B", "C", "D")

@@ -105,14 +105,13 @@ def test_teacher_failures(text):
     ("Summary: Holst composed it.", "Holst composed it."),
     ("**Summary:** Holst composed it.\nQuestion: ignored", "Holst composed it."),
     ("summary:\nHolst composed it.\nHe was English.", "Holst composed it.\nHe was English."),
-    ("Holst composed it.", "Holst composed it."),
 ])
 def test_summary(text, expect):
     s = parse_summary(text)
     assert s.error is None and s.text == expect
 
 
-@pytest.mark.parametrize("text", ["", "Summary:", "Summary:   \n"])
+@pytest.mark.parametrize("text", ["", "Summary:", "Summary:   \n", "[INSTRUCTION] To get started, ask."])
 def test_summary_failure(text):
     assert parse_summary(text).error
 

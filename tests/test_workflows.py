@@ -197,9 +197,9 @@ def test_no_summaries_halves_the_calls_and_keeps_raw_memory():
 def test_completion_style_models_get_a_worked_example_and_stops():
     def script(kind, req, n):  # a base model continues after the answer prefix
         if kind.endswith("summary"):
-            return " what happened"
+            return " what happened" if req.prompt else "Summary: what happened"
         if kind == "teacher":
-            return " fine\nAction: [Continue]"
+            return " fine\nAction: [Continue]" if req.prompt else "Thought: fine\nAction: [Continue]"
         return " I know it\nAction: Finish[Cheltenham]" if n else " look\nAction: Search[Holst]"
 
     res, pool = run_one(script, hotpot_problem(), get_workflow("hotpotqa", retriever=WordRetriever()),
@@ -332,7 +332,7 @@ def test_lockstep_equals_one_by_one_on_tiny_llama(tiny_llama, tiny_gemma3):
     probs = [hotpot_problem(f"h{i}") for i in range(3)]
     jobs = [EpisodeJob(p, {"teacher": "tiny-llama", "student": "tiny-gemma3"}) for p in probs[:2]]
     jobs.append(EpisodeJob(probs[2], {"teacher": "tiny-gemma3", "student": "tiny-llama"}))
-    wf = get_workflow("hotpotqa", retriever=WordRetriever(), budget=1, forced_answer="take")
+    wf = get_workflow("hotpotqa", retriever=WordRetriever(), budget=1, summaries=False, forced_answer="take")
     sampling = Sampling(max_new_tokens=6)
     lock = run_episodes(pool, wf, jobs, sampling=sampling, progress=False, record_logprobs=True)
     single = run_episodes(pool, wf, jobs, sampling=sampling, progress=False, record_logprobs=True, max_live=1)

@@ -10,8 +10,8 @@ What each workflow does with a failure (mirrors the paper's released HotpotQA co
   null answer ("" scores 0), as the official code does; the workflow option
   ``forced_answer="take"`` instead takes the argument of whatever action was given.
 * HotpotQA Teacher: no verdict; the Student sees an "invalid feedback" notice as the advice.
-* Summaries (context prompts): the previous summary is kept, prefixed with a note that the update
-  failed (as in the official code).
+* Summaries (context prompts): a reply without "Summary:" fails; the previous summary is kept,
+  prefixed with a note that the update failed (as in the official code).
 * MMLU Student: no choice this round; the episode's answer is the last choice that did parse.
 * MMLU Teacher: an unreadable ``Submit`` counts as 0 (keep revising).
 
@@ -230,10 +230,13 @@ class Summary:
 
 
 def parse_summary(text: object) -> Summary:
-    """Parse "Summary: ..." (up to the next ``Label:`` line); unlabelled text is taken as it is."""
+    """Parse "Summary: ..." (up to the next ``Label:`` line). Text without the label is refused, as in
+    the official code (small models often answer the context prompt with unrelated text)."""
     t = clean(text)
     m = _label("summary").search(t)
-    body = t[m.end():] if m else t
+    if not m:
+        return Summary("", "empty output" if not t.strip() else "no 'Summary:' found")
+    body = t[m.end():]
     nxt = re.search(r"\n\s*[A-Z][A-Za-z ]{0,20}:", body)
     if nxt:
         body = body[:nxt.start()]

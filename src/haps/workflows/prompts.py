@@ -116,8 +116,10 @@ Begin your thought with "Thought:" and your action with "Action:".""",
              "budget": BUDGET_OPEN,
              "output": "I need to find who composed The Planets, then where that composer was born.\n"
                        "Action: Search[The Planets]"},
-    chat_stops=("\nObservation:", "\nQuestion:", "\nContext:"),
-    extra_stops=("\nThought:",),
+    # "]" closes the action (the official code also cuts the action at its first "]"); small models
+    # otherwise go on to invent the search result
+    chat_stops=("]", "\nObservation:", "\nQuestion:", "\nContext:"),
+    extra_stops=("]", "\nThought:"),
 )
 
 # the worked example shown to base models on the last round (no budget): a Finish
