@@ -56,6 +56,10 @@ class LocalModel:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self._injector: LoRAInjector | None = None
+        # "auto": the lean static-cache engine for known families (haps.models.decode.LEAN_FAMILIES), the
+        # transformers forward otherwise; "hf": always the transformers forward (the reference); "lean".
+        self.decode_engine: str = "auto"
+        self.last_stats: dict = {}
         tokenizer.padding_side = "left"
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -159,9 +163,22 @@ class LocalModel:
         for start in range(0, len(order), self.max_batch_size):
             idx = order[start:start + self.max_batch_size]
             outs = self._generate_batch([requests[i] for i in idx], [encoded[i] for i in idx], target, gen)
-            for i, o in zip(idx, outs):
+            for i, o in zip(idx, outs, strict=True):
                 results[i] = o
         return results  # type: ignore[return-value]
+
+    def _engine(self, max_new: int):
+        """The decode engine for one batch: `LeanDecode` for known families, else the reference `HFDecode`."""
+        from haps.models.decode import HFDecode, LeanDecode
+
+        if self.decode_engine == "hf" or (self.decode_engine == "auto" and not LeanDecode.supports(self.model)):
+            return HFDecode(self.model)
+        if not LeanDecode.supports(self.model):
+            raise ConfigError(
+                f"decode_engine='lean' does not support model_type {self.model.config.model_type!r}; "
+                "use decode_engine='auto' or 'hf'."
+            )
+        return LeanDecode(self.model, max_new)
 
     def _generate_batch(self, reqs, encoded, target, gen) -> list[Generation]:
         tok = self.tokenizer
@@ -180,18 +197,30 @@ class LocalModel:
         out_ids: list[list[int]] = [[] for _ in range(b)]
         out_lp: list[list[float]] = [[] for _ in range(b)]
         finish: list[str | None] = [None] * b
-        alive = torch.arange(b)  # batch row -> request index
+        # batch row -> request index, or -1 for a finished row still in the batch. Finished rows leave the
+        # batch (cache, positions and adapters compacted) once they are an eighth of it: compaction copies
+        # the KV cache, so doing it at every finish costs more than carrying a few idle rows.
+        rows = list(range(b))
+        engine = self._engine(max(max_new))
+        t0 = time.perf_counter()
+        steps = 0
         try:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=self.model.config)
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                use_cache=True, logits_to_keep=1).logits[:, -1, :]
-            next_pos = pos[:, -1] + 1  # (b,)
+            logits = engine.prefill(ids, mask, pos)
+            t_prefill = time.perf_counter()
             while True:
-                tokens, lps = self._pick(logits, temps[alive], top_ps[alive], gen)
-                done_rows = []
-                for j, req_i in enumerate(alive.tolist()):
+                live = [j for j, i in enumerate(rows) if i >= 0]
+                if len(live) == len(rows):
+                    tokens, lps = self._pick(logits, temps[rows], top_ps[rows], gen)
+                else:  # sample only live rows; idle rows feed their last token back
+                    lt, ll = self._pick(logits[live], temps[[rows[j] for j in live]],
+                                        top_ps[[rows[j] for j in live]], gen)
+                    tokens = [out_ids[i][-1] if i >= 0 else out_ids[-i - 2][-1] for i in rows]
+                    lps = [0.0] * len(rows)
+                    for j, t, p in zip(live, lt, ll, strict=True):
+                        tokens[j], lps[j] = t, p
+                n_done = 0
+                for j in live:
+                    req_i = rows[j]
                     t = tokens[j]
                     out_ids[req_i].append(t)
                     out_lp[req_i].append(lps[j])
@@ -204,29 +233,33 @@ class LocalModel:
                     elif len(out_ids[req_i]) >= max_new[req_i]:
                         finish[req_i] = "length"
                     if finish[req_i] is not None:
-                        done_rows.append(j)
-                if len(done_rows) == len(alive):
+                        rows[j] = -req_i - 2  # idle: remembers its request for the token it feeds back
+                        n_done += 1
+                n_live = len(live) - n_done
+                if n_live == 0:
                     break
-                step_tokens = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (b', 1)
-                if done_rows:  # compact: finished rows leave the batch
-                    keep = torch.tensor([j for j in range(len(alive)) if j not in set(done_rows)],
-                                        device=self.device)
-                    alive = alive[keep.cpu()]
-                    cache.batch_select_indices(keep)
-                    mask = mask.index_select(0, keep)
-                    next_pos = next_pos.index_select(0, keep)
+                step_tokens = torch.tensor(tokens, dtype=torch.long, device=self.device)  # (b',)
+                n_idle = len(rows) - n_live
+                if n_idle and n_idle * 8 >= len(rows):  # compact: finished rows leave the batch
+                    keep_l = [j for j, i in enumerate(rows) if i >= 0]
+                    keep = torch.tensor(keep_l, device=self.device)
+                    rows = [rows[j] for j in keep_l]
+                    engine.select_rows(keep)
                     step_tokens = step_tokens.index_select(0, keep)
                     if inj is not None and stacked is not None:
                         inj.select_rows(keep)
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-                logits = self.model(input_ids=step_tokens, attention_mask=mask, position_ids=next_pos[:, None],
-                                    past_key_values=cache, use_cache=True).logits[:, -1, :]
-                next_pos = next_pos + 1
+                logits = engine.step(step_tokens)
+                steps += 1
         finally:
             if inj is not None:
                 inj.set(None)
+        t_end = time.perf_counter()
+        # timings of this batch for benchmarks: prefill (incl. the first token) and the decode steps
+        self.last_stats = {"engine": type(engine).__name__, "rows": b, "prompt_len": int(ids.shape[1]),
+                           "prefill_s": t_prefill - t0, "decode_s": t_end - t_prefill, "decode_steps": steps,
+                           "decode_tokens": sum(len(o) for o in out_ids) - b}
         results = []
-        for i, r in enumerate(reqs):
+        for i in range(len(reqs)):
             ids_i = out_ids[i]
             body = ids_i[:-1] if finish[i] == "eos" else ids_i
             text = tok.decode(body, skip_special_tokens=True)
@@ -282,7 +315,7 @@ class LocalModel:
                 f"score: row {empty[0]} has an empty prompt; the first completion token needs at least one "
                 "prompt token (e.g. BOS) to be predicted from."
             )
-        seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+        seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
         ids, mask = self._left_pad(seqs)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         L = ids.shape[1]

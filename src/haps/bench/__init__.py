@@ -1,0 +1,1 @@
+"""Benchmarks (importable; the `haps bench ...` commands call these)."""

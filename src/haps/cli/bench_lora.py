@@ -1,0 +1,73 @@
+"""`haps bench lora`: decode tokens/s with per-request LoRA (bmm injection vs row loop vs PEFT)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from haps.cli import bench_app
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def results_table(data: dict) -> Table:
+    t = Table(title=f"decode tokens/s (fp32 sgemm roofline {data['roofline_gflops']:.0f} GFLOP/s)")
+    for col in ("model", "batch", "mode", "k", "tok/s", "x base", "roofline", "tokens equal"):
+        t.add_column(col, justify="right" if col not in ("model", "mode") else "left")
+    for r in data["records"]:
+        same = r.get("same_tokens_as") or {}
+        eq = f"{same['rows_equal']}/{same['rows']} vs {next(iter(same))}" if same else ""
+        t.add_row(r["model"], str(r["batch"]), r["mode"] + (" (" + r["note"][:40] + ")" if r["note"] else ""),
+                  str(r["layers"] or "-"), f"{r['tokens_per_s']:.1f}",
+                  f"{r['ratio_to_base']:.3f}" if r["ratio_to_base"] else "-",
+                  f"{100 * r['roofline_frac']:.1f}%" if r["roofline_frac"] else "-", eq)
+    return t
+
+
+@bench_app.command("lora")
+def bench_lora(
+    out: Path = typer.Option(..., "--out", help="JSON file to write (one record per measurement)."),
+    quick: bool = typer.Option(False, "--quick", help="Small subset (SmolLM2, batch 1 and 8, 8 tokens) for CI."),
+    new_tokens: int = typer.Option(None, help="Tokens generated per row (default 32, quick 8)."),
+    rounds: int = typer.Option(None, help="Interleaved rounds per batch; the best round is kept."),
+    pool: str = typer.Option("tiny", help="Built-in pool name or pool YAML file."),
+) -> None:
+    """Decode tokens/s: no adapter vs per-request LoRA (batched matmul, row loop, PEFT), ratios to no adapter."""
+    from haps.bench.lora import BenchConfig, quick_config, run_bench
+
+    cfg = quick_config() if quick else BenchConfig()
+    cfg.pool = pool
+    if new_tokens:
+        cfg.new_tokens = new_tokens
+    if rounds:
+        cfg.rounds = rounds
+    console = Console()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as prog:
+        n_modes = sum(1 if m in ("base", "base_hf") else len(cfg.layers) for m in cfg.modes)
+        total = cfg.rounds * sum(len(cfg.batches) * n_modes + (len(cfg.dtype_batches) if i == 0 else 0)
+                                 for i, _ in enumerate(cfg.models))
+        task = prog.add_task("bench lora", total=total)
+
+        def step(desc: str) -> None:
+            prog.update(task, description=desc, advance=1)
+
+        data = run_bench(cfg, progress=step, on_result=lambda d: _write_json(out, d))
+    _write_json(out, data)
+    console.print(results_table(data))
+    console.print(f"wrote {out}")
