@@ -271,3 +271,19 @@ def _run_mode(m, mode: str, k: int, batch: int, cfg: BenchConfig) -> tuple[list,
 def quick_config() -> BenchConfig:
     return BenchConfig(models=["smollm2-135m"], batches=[1, 8], layers=[1], modes=["base", "base_hf", "bmm", "loop", "peft"],
                        new_tokens=8, rounds=1, dtype_batches=[8], gemm_n=1024)
+
+
+def markdown_table(data: dict) -> str:
+    """The records as a Markdown table (for README)."""
+    lines = [f"fp32 sgemm roofline measured in the same run: {data['roofline_gflops']:.0f} GFLOP/s "
+             f"({data.get('threads', '?')} threads); roofline = tokens/s x 2 x params / that.", "",
+             "| model | batch | mode | last k | tokens/s | x base | roofline | greedy tokens equal |",
+             "|---|---:|---|---:|---:|---:|---:|---|"]
+    for r in data["records"]:
+        same = r.get("same_tokens_as") or {}
+        eq = f"{same['rows_equal']}/{same['rows']} rows vs {next(iter(same))}" if same else ""
+        mode = r["mode"] + (f" ({r['note']})" if r["note"] else "")
+        lines.append(f"| {r['model']} | {r['batch']} | {mode} | {r['layers'] or '-'} | {r['tokens_per_s']:.1f} | "
+                     + (f"{r['ratio_to_base']:.3f}" if r["ratio_to_base"] else "-") + " | "
+                     + (f"{100 * r['roofline_frac']:.1f}%" if r["roofline_frac"] else "-") + f" | {eq} |")
+    return "\n".join(lines)

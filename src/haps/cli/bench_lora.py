@@ -22,6 +22,7 @@ def _write_json(path: Path, data: dict) -> None:
         json.dump(data, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
