@@ -152,7 +152,7 @@ def test_teacher_verdict_and_advice_reach_the_student():
         return searcher(kind, req, n)
 
     res, pool = run_one(script, hotpot_problem(), get_workflow("hotpotqa", retriever=WordRetriever(), budget=1))
-    student_prompts = [r.messages[0]["content"] for _, r in pool.requests if r.tag.endswith("/student")]
+    student_prompts = [r.messages[-1]["content"] for _, r in pool.requests if r.tag.endswith("/student")]
     assert "Start to answer the question." in student_prompts[0]
     assert "Teacher's Advice: [Rethink] wrong entity, search Holst instead" in student_prompts[1]
     assert "Search Result: Search[Gustav Holst 0] The Planets: The Planets is a suite by Gustav Holst." in student_prompts[1]
@@ -179,9 +179,9 @@ def test_parse_failures_are_recorded_and_the_episode_goes_on():
     errs = [(t.role, t.kind, t.round) for t in res.turns if t.parse_error]
     assert errs == [("student", "act", 0), ("student", "summary", 0), ("teacher", "act", 0)]
     assert res.parse_failures == 3
-    teacher_prompt = next(r for _, r in pool.requests if r.tag.endswith("/teacher")).messages[0]["content"]
+    teacher_prompt = next(r for _, r in pool.requests if r.tag.endswith("/teacher")).messages[-1]["content"]
     assert INVALID_ACTION in teacher_prompt
-    student_2 = [r for _, r in pool.requests if r.tag.endswith("/student")][1].messages[0]["content"]
+    student_2 = [r for _, r in pool.requests if r.tag.endswith("/student")][1].messages[-1]["content"]
     assert SUMMARY_FAILED in student_2 and "Invalid feedback" in student_2
 
 
@@ -189,7 +189,7 @@ def test_no_summaries_halves_the_calls_and_keeps_raw_memory():
     res, pool = run_one(searcher, hotpot_problem(),
                         get_workflow("hotpotqa", retriever=WordRetriever(), budget=2, summaries=False))
     assert all(t.kind == "act" for t in res.turns) and len(res.turns) == 2 * 2 + 1
-    last_student = [r for _, r in pool.requests if r.tag.endswith("/student")][-1].messages[0]["content"]
+    last_student = [r for _, r in pool.requests if r.tag.endswith("/student")][-1].messages[-1]["content"]
     assert "Earlier steps: Search[Gustav Holst 0]" in last_student
     assert "You have no search budget left" in last_student
 
@@ -230,7 +230,7 @@ def test_mmlu_k_rounds_limit_and_last_choice_wins():
 
     res, pool = run_one(script, mmlu_problem(), get_workflow("mmlu", rounds=3))
     assert len(res.turns) == 6 and res.prediction == "D" and res.score == 0.0
-    second = [r for _, r in pool.requests if r.tag.endswith("/student")][1].messages[0]["content"]
+    second = [r for _, r in pool.requests if r.tag.endswith("/student")][1].messages[-1]["content"]
     assert "Choice: A" in second and "no, think again (0)" in second
 
 

@@ -13,7 +13,7 @@ def _register() -> None:
     # importing these modules registers their commands on `app` / `bench_app`
     from haps.cli import models as _models  # noqa: F401
 
-    for mod in ("bench_lora", "run", "bench_episodes", "route", "serve"):
+    for mod in ("bench_lora", "run", "bench_episodes", "route", "serve", "demo"):
         try:
             __import__(f"haps.cli.{mod}")
         except ModuleNotFoundError as e:  # a command group not built yet

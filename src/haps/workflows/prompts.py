@@ -3,7 +3,8 @@ formats of the paper's Figures 6-11.
 
 Each prompt has two renderings:
 
-* chat (instruction-tuned models): one user message, ``[INPUT]`` block, ``[OUTPUT REQUIREMENTS]``
+* chat (instruction-tuned models): the worked example as a first user/assistant exchange (one-shot),
+  then one user message with an ``[INPUT]`` block and an ``[OUTPUT REQUIREMENTS]``
   block with the exact output format (as in the paper);
 * completion (base models, ``ModelSpec.completion_style``): the same instructions without
   placeholders, one worked example, then the real inputs, ending with the first output label
@@ -57,11 +58,20 @@ class PromptTemplate:
         stops = ["\n\n", "\n###"] + [f"\n{label}:" for label, _ in self.inputs]
         return stops + [s for s in self.extra_stops if s not in stops]
 
-    def request(self, style: Style, values: dict[str, str], tag: str = "") -> GenRequest:
+    def chat_messages(self, values: dict[str, str], example: bool = True) -> list[dict[str, str]]:
+        """Chat rendering. With ``example`` the worked example comes first as a user turn and the
+        assistant's reply in the exact output format (one-shot): small instruction-tuned models follow
+        the format far more often than from the instructions alone."""
+        msgs = []
+        if example:
+            msgs += [{"role": "user", "content": self.chat_text(self.example)},
+                     {"role": "assistant", "content": f"{self.answer_prefix} {self.example['output'].strip()}"}]
+        return msgs + [{"role": "user", "content": self.chat_text(values)}]
+
+    def request(self, style: Style, values: dict[str, str], tag: str = "", chat_example: bool = True) -> GenRequest:
         if style == "completion":
             return GenRequest(prompt=self.completion_text(values), stop=self.completion_stops(), tag=tag)
-        return GenRequest(messages=[{"role": "user", "content": self.chat_text(values)}],
-                          stop=list(self.chat_stops), tag=tag)
+        return GenRequest(messages=self.chat_messages(values, chat_example), stop=list(self.chat_stops), tag=tag)
 
     def full_output(self, style: Style, text: str) -> str:
         """The model's text as a parser should see it: completion outputs get their label back."""
