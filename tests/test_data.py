@@ -213,3 +213,13 @@ def test_split_rejects_bad_fractions_and_duplicate_ids():
 def test_demo_answers_score_full_f1_against_themselves():
     for p in load_problems("hotpotqa"):
         assert f1_score(p.gold, p.gold) == 1.0
+
+
+def test_sample_seed_spreads_a_limited_subset_over_the_file(data_root):
+    path = data_root / "mmlu" / "val.jsonl"
+    first = load_problems("mmlu", path, limit=12)
+    assert len({p.subject for p in first}) <= 2  # the file is sorted by subject
+    spread = load_problems("mmlu", path, limit=12, sample_seed=0)
+    assert len(spread) == 12 and len({p.subject for p in spread}) >= 8
+    assert [p.id for p in spread] == [p.id for p in load_problems("mmlu", path, limit=12, sample_seed=0)]
+    assert [p.id for p in spread] != [p.id for p in load_problems("mmlu", path, limit=12, sample_seed=1)]

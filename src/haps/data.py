@@ -290,14 +290,20 @@ def read_problems(task: str, path: str | os.PathLike | None = None, limit: int |
 
 
 def load_problems(task: str, path: str | os.PathLike | None = None, limit: int | None = None,
-                  on_error: OnError = "raise") -> list[Problem]:
+                  on_error: OnError = "raise", sample_seed: int | None = None) -> list[Problem]:
     """Problems of ``task`` ("hotpotqa" | "mmlu") from ``path`` (a JSONL file or a folder of them).
 
     ``path=None`` loads the embedded demo set. Bad records raise `DataError` with file and line; with
     ``on_error="report"`` they are collected and reported in one `DataWarning` (use `read_problems`
-    to get them as a list) and the good problems are returned.
+    to get them as a list) and the good problems are returned. With ``sample_seed``, ``limit`` takes a
+    seeded subset spread over the whole file (ordered by a hash of seed and id) instead of the first
+    N: files sorted by subject, like MMLU's, then give a mix of subjects.
     """
-    report = read_problems(task, path, limit=limit, on_error=on_error)
+    report = read_problems(task, path, limit=None if sample_seed is not None else limit, on_error=on_error)
+    if sample_seed is not None and limit is not None:
+        report.problems = sorted(
+            report.problems, key=lambda p: hashlib.sha256(f"{sample_seed}:{p.id}".encode()).hexdigest()
+        )[:limit]
     if report.errors:
         shown = "\n".join(f"  {e}" for e in report.errors[:20])
         more = f"\n  ... and {len(report.errors) - 20} more" if len(report.errors) > 20 else ""

@@ -44,7 +44,10 @@ class CollectConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     task: str = Field(description="Workflow / benchmark name: hotpotqa | mmlu.")
     data: str | None = Field(default=None, description="JSONL file or folder of problems (None: embedded demo set).")
-    limit: int | None = Field(default=None, ge=1, description="Use the first N problems of the file.")
+    limit: int | None = Field(default=None, ge=1, description="Use N problems of the file (the first N, or a "
+                              "seeded spread-out subset with problem_seed).")
+    problem_seed: int | None = Field(default=None, description="With limit: pick a seeded subset spread over the "
+                                     "file (e.g. across MMLU subjects) instead of the first N.")
     pool: str = Field(default="tiny", description="Built-in pool name or pool YAML.")
     workflow_options: dict[str, Any] = Field(default_factory=dict, description="Passed to get_workflow(task, ...).")
     max_new_tokens: int | None = Field(default=None, ge=1, description="Cap on tokens per model call (None: "
@@ -244,7 +247,7 @@ def collect(cfg: CollectConfig, out: str | Path, *, problems: Sequence | None = 
     if problems is None:
         from haps.data import load_problems
 
-        problems = load_problems(cfg.task, cfg.data, cfg.limit)
+        problems = load_problems(cfg.task, cfg.data, cfg.limit, sample_seed=cfg.problem_seed)
     if pool is None:
         from haps.config import load_pool
         from haps.models.pool import ModelPool
@@ -396,7 +399,7 @@ class Collection:
         from haps.data import load_problems
 
         c = self.config
-        return load_problems(c.task, c.data, c.limit)
+        return load_problems(c.task, c.data, c.limit, sample_seed=c.problem_seed)
 
     def split_ids(self, split: str | None) -> list[str]:
         seen: dict[str, None] = {}
