@@ -184,6 +184,9 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None,
                 plan.append(("base_bf16", 0))
             best: dict[tuple[str, int], Record] = {}
             tokens: dict[tuple[str, int], list] = {}
+            # untimed warm-up at this batch size: the first timed mode must not pay one-time costs
+            # (allocator growth, kernel/primitive setup for new shapes)
+            _run_mode(m, "base", 0, batch, cfg)
             for rnd in range(cfg.rounds):
                 gemm.append(sgemm_gflops(cfg.gemm_n))
                 for mode, k in plan:
