@@ -24,8 +24,8 @@ def demo(
     tasks: str = typer.Option("mmlu,hotpotqa", help="Comma-separated tasks."),
     pool: str = typer.Option("tiny", help="Built-in pool name or pool YAML."),
     data: str = typer.Option(None, help="JSONL file/folder instead of the embedded demo set (one task then)."),
-    limit: int = typer.Option(None, help="Use the first N problems."),
-    max_new_tokens: int = typer.Option(48, help="Cap on tokens per model call."),
+    limit: int = typer.Option(8, help="Use the first N problems per task (the demo sets hold 20)."),
+    max_new_tokens: int = typer.Option(32, help="Cap on tokens per model call."),
     epochs: int = typer.Option(4, help="SFT epochs of the high-level router."),
     seed: int = typer.Option(0),
 ) -> None:
@@ -49,18 +49,21 @@ def demo(
         console.rule(f"[bold]{task}: SFT of the high-level router")
         ckpt = folder / "router"
         run_sft(folder / "actions", ckpt, SFTConfig(epochs=epochs, seed=seed))
-        console.rule(f"[bold]{task}: evaluation by lookup (test split)")
         col = open_collection(folder / "actions")
-        table = ActionTable.from_records(col.records, col.space, "test")
+        # the held-out test split; tiny runs (--limit) may leave it empty: then valid, then everything
+        present = {r.get("split") for r in col.records}
+        split = next((s for s in ("test", "valid") if s in present), None)
+        console.rule(f"[bold]{task}: evaluation by lookup ({split or 'all'} split)")
+        table = ActionTable.from_records(col.records, col.space, split)
         pols = standard_policies(table)
         wf, pc = col.workflow(), col.pool_config()
         probs = {p.id: p for p in col.problems()}
         prompts = [build_routing_prompt(wf, pc, probs[pid]) for pid in table.problem_ids]
         pols.update(router_policies(load_router(ckpt), table, prompts, name="haps-router"))
         rep = lookup_report(table, pols)
-        rep["split"] = "test"
+        rep["split"] = split or "all"
         rep["wall_s"] = time.perf_counter() - t0
-        console.print(report_table(rep, f"{task}: evaluation by lookup, test split"))
+        console.print(report_table(rep, f"{task}: evaluation by lookup, {split or 'all'} split"))
         (folder / "report.json").write_text(json.dumps(rep, indent=2, default=str) + "\n")
         summary[task] = rep
     console.print(f"reports written under {out}/<task>/report.json")
