@@ -20,6 +20,7 @@ from typing import ClassVar, Literal
 import torch
 
 from haps.errors import ConfigError
+from haps.registry import class_registrar
 from haps.routing.prompt import RoutingPrompt
 from haps.routing.space import Assignment, AssignmentSpace
 
@@ -28,17 +29,8 @@ Decision = Literal["argmax", "sample"]
 ROUTERS: dict[str, type[Router]] = {}
 
 
-def register_router(name: str):
-    """Class decorator: make a Router subclass available to ``get_router(name)``."""
-
-    def deco(cls):
-        if name in ROUTERS and ROUTERS[name] is not cls:
-            raise ConfigError(f"router name {name!r} is already registered by {ROUTERS[name].__name__}.")
-        cls.name = name
-        ROUTERS[name] = cls
-        return cls
-
-    return deco
+#: Class decorator: ``@register_router(name)`` makes a class available by name.
+register_router = class_registrar(ROUTERS, "router")
 
 
 def get_router(spec: str, *, space: AssignmentSpace, **kwargs) -> Router:

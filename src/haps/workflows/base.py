@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from haps.errors import ConfigError
 from haps.models.types import Generation, GenRequest
+from haps.registry import class_registrar
 
 Style = Literal["chat", "completion"]
 TurnKind = Literal["act", "summary"]
@@ -221,17 +222,8 @@ def generation_error(gen: Generation) -> str | None:
 WORKFLOWS: dict[str, type[Workflow]] = {}
 
 
-def register_workflow(name: str):
-    """Class decorator: make a Workflow available to `get_workflow(name)`."""
-
-    def deco(cls: type[Workflow]) -> type[Workflow]:
-        if name in WORKFLOWS and WORKFLOWS[name] is not cls:
-            raise ConfigError(f"workflow name {name!r} is already registered by {WORKFLOWS[name].__name__}.")
-        cls.name = name
-        WORKFLOWS[name] = cls
-        return cls
-
-    return deco
+#: Class decorator: ``@register_workflow(name)`` makes a class available by name.
+register_workflow = class_registrar(WORKFLOWS, "workflow")
 
 
 def _load_builtin() -> None:
