@@ -11,7 +11,6 @@ vocabulary projection chunked and checkpointed so a 262k-token head never holds 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,6 +44,18 @@ class ModelInfo:
     params: int
     o_proj_in: int
     o_proj_out: int
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ids (b, L) filled with ``pad_id`` and an attention mask (b, L) of 1/0."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, L - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, L - len(s):] = 1
+    return ids.to(device), mask.to(device)
 
 
 class LocalModel:
@@ -124,15 +135,7 @@ class LocalModel:
         return text, list(ids)
 
     def _left_pad(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        L = max(len(s) for s in seqs)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(seqs), L), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), L), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            if s:
-                ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long)
-                mask[i, L - len(s):] = 1
-        return ids.to(self.device), mask.to(self.device)
+        return left_pad(seqs, self.tokenizer.pad_token_id, self.device)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -369,12 +372,3 @@ def _chunk_logprob(h, tgt, head: nn.Linear, cap) -> torch.Tensor:
         return checkpoint(_head_logprob, h, tgt, head.weight, head.bias, cap, use_reentrant=False)
     return _head_logprob(h, tgt, head.weight, head.bias, cap)
 
-
-def tokens_per_second(n_tokens: int, seconds: float) -> float:
-    return n_tokens / seconds if seconds > 0 else math.inf
-
-
-def timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from haps.errors import ConfigError, ModelLoadError
+from haps.models.local import left_pad
 from haps.routing.base import Decision, Router, register_router
 from haps.routing.prompt import RoutingPrompt, parse_assignment
 from haps.routing.space import Assignment, AssignmentSpace
@@ -75,16 +76,6 @@ class HighLevelRouterConfig(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-def _left_pad(seqs: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, L - len(s):] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, L - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
 def candidate_scores(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
                      candidates: Sequence[Sequence[Sequence[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of each prompt's candidate completions, sharing one prompt pass.
@@ -110,7 +101,7 @@ def candidate_scores(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
         c += 1
     common = flat[0][:c]
     device = next(model.parameters()).device
-    ids, mask = _left_pad([list(p) + common for p in prompt_ids], pad_id, device)  # (B, Lp + c)
+    ids, mask = left_pad([list(p) + common for p in prompt_ids], pad_id, device)  # (B, Lp + c)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, Lp + c)
     cache = DynamicCache(config=getattr(model, "config", None))
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
