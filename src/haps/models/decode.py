@@ -2,7 +2,8 @@
 
 Both engines expose the same three calls used by the decode loop in `LocalModel._generate_batch`::
 
-    logits = engine.prefill(ids, mask, pos)     # ids, mask, pos: (b, L) -> logits (b, V) at the last position
+    logits = engine.prefill(ids, mask, pos, past)  # ids, pos: (b, T); mask: (b, P + T) over the past
+                                                   # (a DynamicCache of P positions, or None) and ids
     logits = engine.step(tokens)                # tokens: (b,) -> logits (b, V) for the next position
     engine.select_rows(keep)                    # keep: (b',) indices of rows that stay in the batch
 
@@ -34,10 +35,10 @@ class HFDecode:
         self.mask: torch.Tensor | None = None  # (b, n) 1 = real token
         self.next_pos: torch.Tensor | None = None  # (b,)
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, past=None) -> torch.Tensor:
         from transformers import DynamicCache
 
-        self.cache = DynamicCache(config=self.model.config)
+        self.cache = past if past is not None else DynamicCache(config=self.model.config)
         self.mask = mask
         self.next_pos = pos[:, -1] + 1
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
@@ -121,13 +122,13 @@ class LeanDecode:
                 and not getattr(cfg, "use_bidirectional_attention", False)
                 and hasattr(model.get_decoder(), "rotary_emb"))
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, past=None) -> torch.Tensor:
         from transformers import DynamicCache
 
-        dyn = DynamicCache(config=self.cfg)
+        dyn = past if past is not None else DynamicCache(config=self.cfg)
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=dyn,
                             use_cache=True, logits_to_keep=1).logits[:, -1, :]
-        b, L = ids.shape
+        b, L = mask.shape  # past + new positions
         S = L + self.max_new
         keys, values = [], []
         for layer in dyn.layers:

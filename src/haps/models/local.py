@@ -21,6 +21,7 @@ from torch import nn
 from haps.config import LoraTarget, ModelSpec
 from haps.errors import ConfigError, ModelLoadError
 from haps.models.lora import LoRAInjector
+from haps.models.prefix import PrefixGroup, plan_prefix_groups
 from haps.models.sources import resolve
 from haps.models.types import Generation, GenRequest, RowAdapter
 
@@ -70,6 +71,10 @@ class LocalModel:
         # "auto": the lean static-cache engine for known families (haps.models.decode.LEAN_FAMILIES), the
         # transformers forward otherwise; "hf": always the transformers forward (the reference); "lean".
         self.decode_engine: str = "auto"
+        # prefill a prefix shared by rows of a batch (instructions, worked example) once per batch; rows
+        # share only prefixes of at least this many tokens
+        self.share_prefix: bool = True
+        self.min_shared_prefix: int = 16
         self.last_stats: dict = {}
         tokenizer.padding_side = "left"
         if tokenizer.pad_token_id is None:
@@ -186,8 +191,6 @@ class LocalModel:
     def _generate_batch(self, reqs, encoded, target, gen) -> list[Generation]:
         tok = self.tokenizer
         b = len(reqs)
-        ids, mask = self._left_pad([e[1] for e in encoded])
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, L)
         inj = self.injector(target) if target is not None else self._injector
         stacked = inj.stack([r.adapter for r in reqs], self.device, self.model.dtype) if inj else None
         if inj is not None:
@@ -208,7 +211,7 @@ class LocalModel:
         t0 = time.perf_counter()
         steps = 0
         try:
-            logits = engine.prefill(ids, mask, pos)
+            logits, prefill_stats = self._prefill(engine, [e[1] for e in encoded], reqs, inj, stacked)
             t_prefill = time.perf_counter()
             while True:
                 live = [j for j, i in enumerate(rows) if i >= 0]
@@ -258,7 +261,7 @@ class LocalModel:
                 inj.set(None)
         t_end = time.perf_counter()
         # timings of this batch for benchmarks: prefill (incl. the first token) and the decode steps
-        self.last_stats = {"engine": type(engine).__name__, "rows": b, "prompt_len": int(ids.shape[1]),
+        self.last_stats = {"engine": type(engine).__name__, "rows": b, **prefill_stats,
                            "prefill_s": t_prefill - t0, "decode_s": t_end - t_prefill, "decode_steps": steps,
                            "decode_tokens": sum(len(o) for o in out_ids) - b}
         results = []
@@ -277,6 +280,112 @@ class LocalModel:
                 cost=self.spec.cost(n_in, n_out), prompt_text=encoded[i][0],
             ))
         return results
+
+    # ------------------------------------------------------------------ prefill with shared prefixes
+    def _prefill(self, engine, seqs: list[list[int]], reqs, inj, stacked) -> tuple[torch.Tensor, dict]:
+        """Prefill ``seqs`` (b rows) into ``engine``; returns the last-position logits (b, V) and stats.
+
+        With ``share_prefix``, rows are grouped by a common token prefix (`plan_prefix_groups`; rows with
+        different adapters never share) and each group's prefix is prefilled once at batch 1. The batch
+        is laid out exactly as plain left padding would lay it out (so sliding windows and positions see
+        the same keys): every row keeps its last ``Ls`` tokens as prefill input, Ls = the longest suffix
+        past its group's prefix, and the tokens before those come from its group's cached keys/values.
+        Rows in no group become groups of one (their prefill costs the same at batch 1 on a CPU).
+        """
+        b = len(seqs)
+        plain_len = max(len(s) for s in seqs)
+        groups = self._prefix_groups(seqs, reqs) if self.share_prefix and b > 1 else []
+        if not groups:
+            ids, mask = self._left_pad(seqs)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, L)
+            return engine.prefill(ids, mask, pos), {"prompt_len": plain_len, "prefill_tokens": b * plain_len,
+                                                    "prefix_groups": 0}
+        from transformers import DynamicCache
+
+        covered = [0] * b  # prefix length available to each row
+        for g in groups:
+            for r in g.rows:
+                covered[r] = g.length
+        Ls = max(len(s) - c for s, c in zip(seqs, covered, strict=True))  # prefill input width
+        cached = [max(0, len(s) - Ls) for s in seqs]  # tokens of each row taken from its group's cache
+        P = max(cached)
+        if P == 0:
+            ids, mask = self._left_pad(seqs)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            return engine.prefill(ids, mask, pos), {"prompt_len": plain_len, "prefill_tokens": b * plain_len,
+                                                    "prefix_groups": 0}
+        keys_l: list[torch.Tensor] = []
+        values_l: list[torch.Tensor] = []
+        prefix_tokens = 0
+        for g in groups:
+            n = max(cached[r] for r in g.rows)
+            if n == 0:
+                continue
+            prefix_tokens += n
+            adapter = reqs[g.rows[0]].adapter
+            kv = self._prefix_kv(list(g.tokens[:n]), adapter, inj, stacked)
+            if kv is None:  # a cache layout we cannot pre-fill: plain prefill
+                ids, mask = self._left_pad(seqs)
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                return engine.prefill(ids, mask, pos), {"prompt_len": plain_len,
+                                                        "prefill_tokens": b * plain_len, "prefix_groups": 0}
+            if not keys_l:
+                keys_l = [k.new_zeros((b, k.shape[1], P, k.shape[3])) for k, _ in kv]
+                values_l = [v.new_zeros((b, v.shape[1], P, v.shape[3])) for _, v in kv]
+            for r in g.rows:
+                c = cached[r]
+                if c:
+                    for layer, (k, v) in enumerate(kv):
+                        keys_l[layer][r, :, P - c:] = k[0, :, :c]
+                        values_l[layer][r, :, P - c:] = v[0, :, :c]
+        past = DynamicCache(config=self.model.config)
+        for layer, (k, v) in enumerate(zip(keys_l, values_l, strict=True)):
+            past.update(k, v, layer)
+        suffix_ids, suffix_mask = self._left_pad([s[c:] for s, c in zip(seqs, cached, strict=True)])  # (b, Ls)
+        prefix_mask = torch.zeros((b, P), dtype=suffix_mask.dtype, device=suffix_mask.device)
+        for r, c in enumerate(cached):
+            prefix_mask[r, P - c:] = 1
+        mask = torch.cat([prefix_mask, suffix_mask], dim=1)  # (b, P + Ls): left padding only
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]  # (b, Ls)
+        logits = engine.prefill(suffix_ids, mask, pos, past=past)
+        return logits, {"prompt_len": plain_len, "prefill_tokens": b * Ls + prefix_tokens,
+                        "prefix_groups": len(groups)}
+
+    def _prefix_groups(self, seqs: list[list[int]], reqs) -> list[PrefixGroup]:
+        """Groups of rows sharing a prefix, plus a group of one for every other row (prefix: all but the
+        last token)."""
+        window = getattr(self.model.config, "sliding_window", None)
+        max_prefix = window - 1 if isinstance(window, int) and window > 1 else None
+        keys = [id(r.adapter) if r.adapter is not None else None for r in reqs]
+        groups = plan_prefix_groups(seqs, keys, min_prefix=self.min_shared_prefix, max_prefix=max_prefix)
+        if not groups:
+            return []
+        grouped = {r for g in groups for r in g.rows}
+        for r, s in enumerate(seqs):
+            if r not in grouped:
+                n = len(s) - 1 if max_prefix is None else min(len(s) - 1, max_prefix)
+                groups.append(PrefixGroup((r,), tuple(s[:n])))
+        return groups
+
+    def _prefix_kv(self, tokens: list[int], adapter, inj, stacked) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Keys and values, per layer (1, h_kv, n, d), of one prefix run at batch 1 with ``adapter``."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+        dyn = DynamicCache(config=self.model.config)
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        try:
+            if inj is not None:
+                inj.set(inj.stack([adapter], self.device, self.model.dtype) if adapter is not None else None)
+            self.model.get_decoder()(input_ids=ids, past_key_values=dyn, use_cache=True)
+        finally:
+            if inj is not None:
+                inj.set(stacked)
+        if any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in dyn.layers):
+            return None
+        if any(layer.keys.shape[2] != len(tokens) for layer in dyn.layers):
+            return None  # a sliding layer dropped keys: the window is shorter than the prefix
+        return [(layer.keys, layer.values) for layer in dyn.layers]
 
     @staticmethod
     def _pick(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor,

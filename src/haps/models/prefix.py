@@ -1,0 +1,81 @@
+"""Shared-prefix planning for batched prefill.
+
+Agent prompts in one batch mostly start with the same long text (chat header, instructions, the worked
+example): only the problem and the history differ. `plan_prefix_groups` groups the rows of a batch by a
+common token prefix so that the prefix is prefilled once per group (batch 1) and its keys/values are
+copied to every row of the group; only the suffixes go through the batched prefill.
+
+The plan is pure bookkeeping on token lists; `LocalModel._generate_batch` executes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PrefixGroup:
+    """Rows ``rows`` (batch indices) share their first ``length`` tokens, ``tokens``."""
+
+    rows: tuple[int, ...]
+    tokens: tuple[int, ...]
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def plan_prefix_groups(seqs: Sequence[Sequence[int]], keys: Sequence[Hashable] | None = None,
+                       min_prefix: int = 16, max_prefix: int | None = None) -> list[PrefixGroup]:
+    """Groups of rows that share a prefix worth prefilling once; rows in no group are not listed.
+
+    seqs: the token ids of each row. keys: rows may only share a prefix with rows of an equal key (e.g.
+    the identity of their LoRA adapter, which changes the keys/values of later layers). A group's prefix
+    leaves at least one token of every row to the suffix (its last-position logits are needed) and is at
+    most ``max_prefix`` long (e.g. a sliding window). Among the ways of cutting the lexicographically
+    sorted rows into runs, it takes the one that saves the most prefill tokens, sum (|g| - 1) * length(g),
+    over thresholds on the common prefix of neighbours; groups shorter than ``min_prefix`` are dropped.
+    """
+    n = len(seqs)
+    if n < 2:
+        return []
+    keys = list(keys) if keys is not None else [0] * n
+    if len(keys) != n:
+        raise ValueError(f"plan_prefix_groups: {n} sequences but {len(keys)} keys.")
+    order = sorted(range(n), key=lambda i: (str(keys[i]), list(seqs[i])))
+    # common prefix of each row with the next one in sorted order (0 across different keys)
+    adj = [(_lcp(seqs[order[j]], seqs[order[j + 1]]) if keys[order[j]] == keys[order[j + 1]] else 0)
+           for j in range(n - 1)]
+
+    def cut(threshold: int) -> list[PrefixGroup]:
+        groups, start = [], 0
+        for j in range(n):
+            if j == n - 1 or adj[j] < threshold:
+                members = order[start:j + 1]
+                if len(members) > 1:
+                    length = min(adj[start:j])
+                    length = min(length, min(len(seqs[i]) for i in members) - 1)
+                    if max_prefix is not None:
+                        length = min(length, max_prefix)
+                    if length >= min_prefix:
+                        groups.append(PrefixGroup(tuple(sorted(members)), tuple(seqs[members[0]][:length])))
+                start = j + 1
+        return groups
+
+    best: list[PrefixGroup] = []
+    best_saved = 0
+    for threshold in sorted({a for a in adj if a >= min_prefix}):
+        groups = cut(threshold)
+        saved = sum((len(g.rows) - 1) * g.length for g in groups)
+        if saved > best_saved:
+            best, best_saved = groups, saved
+    return best

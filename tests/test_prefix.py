@@ -1,0 +1,115 @@
+"""Shared-prefix prefill: the plan (pure bookkeeping) and its execution in `LocalModel.generate`, which
+must give what plain left-padded prefill gives (same tokens, same log-probs within float tolerance),
+with mixed adapters, early finishers, sliding windows shorter than the prefix, and both engines."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from haps.config import LoraTarget
+from haps.models.local import LocalModel
+from haps.models.prefix import plan_prefix_groups
+from haps.models.types import GenRequest, RowAdapter
+
+
+# ----------------------------------------------------------------------------- the plan
+def test_plan_groups_rows_by_common_prefix_and_leaves_a_suffix_token():
+    a = list(range(100, 140))
+    seqs = [a + [1, 2], a + [3], a[:20] + [9, 9, 9], [5, 6, 7], a + [1, 2, 8]]
+    groups = plan_prefix_groups(seqs, min_prefix=8)
+    assert len(groups) == 1
+    g = groups[0]
+    assert set(g.rows) == {0, 1, 4}  # row 2 shares only 20 tokens: grouping it would cut the saving
+    assert g.tokens == tuple(a)  # row 1 has 41 tokens: its prefix leaves at least its last token
+    for r in g.rows:
+        assert list(seqs[r][:g.length]) == list(g.tokens) and len(seqs[r]) > g.length
+
+
+def test_plan_respects_keys_min_and_max_prefix():
+    a = list(range(50))
+    seqs = [a + [1], a + [2], a + [3], a + [4]]
+    by_key = plan_prefix_groups(seqs, keys=["x", "y", "x", None], min_prefix=8)
+    assert sorted(g.rows for g in by_key) == [(0, 2)]
+    assert plan_prefix_groups(seqs, min_prefix=60) == []
+    capped = plan_prefix_groups(seqs, min_prefix=8, max_prefix=15)
+    assert capped[0].length == 15 and capped[0].rows == (0, 1, 2, 3)
+    assert plan_prefix_groups([a], min_prefix=1) == []
+    with pytest.raises(ValueError, match="keys"):
+        plan_prefix_groups(seqs, keys=[1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=12), min_size=0, max_size=9),
+       st.integers(1, 4))
+def test_plan_invariants_on_random_rows(seqs, min_prefix):
+    groups = plan_prefix_groups(seqs, min_prefix=min_prefix)
+    seen: set[int] = set()
+    for g in groups:
+        assert len(g.rows) >= 2 and g.length >= min_prefix
+        assert not seen & set(g.rows)  # a row is in at most one group
+        seen |= set(g.rows)
+        for r in g.rows:
+            assert tuple(seqs[r][:g.length]) == g.tokens and len(seqs[r]) > g.length
+
+
+# ----------------------------------------------------------------------------- execution == plain prefill
+INSTRUCTIONS = ("You are the Student agent. Read the question and the passages, think step by step, then "
+                "answer with one short phrase. Example: Question: who wrote Hamlet? Answer: Shakespeare.\n")
+SUFFIXES = ["Question: what is the capital of France?\nAnswer:",
+            "Question: who painted the Mona Lisa, and in which century did he live?\nAnswer:",
+            "Question: 2+2?\nAnswer:",
+            "Question: name a river in Egypt that flows north into the Mediterranean Sea, please.\nAnswer:",
+            "Question: is the sky blue?\nAnswer:"]
+OTHER = "A completely different prompt that shares nothing with the others beyond perhaps a token."
+
+
+@pytest.fixture(params=["tiny_llama", "tiny_gemma3"])
+def tiny(request) -> LocalModel:
+    return request.getfixturevalue(request.param)
+
+
+def _adapter(local: LocalModel, target: LoraTarget, seed: int) -> RowAdapter:
+    shapes = local.injector(target).shapes
+    g = torch.Generator().manual_seed(seed)
+    return RowAdapter(A=[torch.randn(o, target.rank, generator=g) * 0.5 for o, _ in shapes],
+                      B=[torch.randn(target.rank, i, generator=g) * 0.5 for _, i in shapes])
+
+
+def _run(local: LocalModel, reqs, target, share: bool, engine: str):
+    local.share_prefix, local.decode_engine = share, engine
+    local.min_shared_prefix = 4  # tiny Gemma3's sliding window (16) caps prefixes at 15 tokens
+    try:
+        out = local.generate(reqs, target=target, seed=0)
+        return out, dict(local.last_stats)
+    finally:
+        local.share_prefix, local.decode_engine, local.min_shared_prefix = True, "auto", 16
+
+
+@pytest.mark.parametrize("engine", ["auto", "hf"])
+def test_shared_prefix_generation_equals_plain_prefill(tiny, engine):
+    target = LoraTarget(last_k_layers=2, rank=4)
+    shared = _adapter(tiny, target, 7)
+    adapters = [None, shared, shared, _adapter(tiny, target, 8), None, None, None]
+    prompts = [INSTRUCTIONS + s for s in SUFFIXES] + [OTHER, INSTRUCTIONS + SUFFIXES[0]]
+    rng = random.Random(0)
+    reqs = [GenRequest(prompt=p, max_new_tokens=rng.choice([3, 9, 14]), adapter=a)
+            for p, a in zip(prompts, adapters, strict=True)]
+    plain, plain_stats = _run(tiny, reqs, target, False, engine)
+    shared_out, stats = _run(tiny, reqs, target, True, engine)
+    assert stats["prefix_groups"] > 0 and stats["prefill_tokens"] < plain_stats["prefill_tokens"]
+    for p, s in zip(plain, shared_out, strict=True):
+        assert s.token_ids == p.token_ids
+        assert s.logprobs == pytest.approx(p.logprobs, abs=1e-4)
+
+
+def test_shared_prefix_with_sampling_matches_plain_prefill(tiny_llama):
+    reqs = [GenRequest(prompt=INSTRUCTIONS + s, max_new_tokens=8, temperature=0.9, top_p=0.95) for s in SUFFIXES]
+    plain, _ = _run(tiny_llama, reqs, None, False, "auto")
+    shared, stats = _run(tiny_llama, reqs, None, True, "auto")
+    assert stats["prefix_groups"] == 1
+    assert [g.token_ids for g in shared] == [g.token_ids for g in plain]
