@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from haps.workflows.parsing import (
     parse_choice,
     parse_review,
+    parse_short_answer,
     parse_student_action,
     parse_summary,
     parse_teacher_action,
@@ -226,3 +227,17 @@ def test_student_recovers_well_formed_actions(arg, verb, case, noise, after, sep
 def test_choice_recovers_letters(letter, noise, after, fmt):
     c = parse_choice(f"Rationale: because.\n{noise}Choice:{after} {fmt.format(letter)}", CHOICES)
     assert c.choice == letter
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("Answer: Cheltenham", "Cheltenham"), (" Cheltenham.", "Cheltenham"), ("answer is \"Paris\"\nmore", "Paris"),
+    ("Yes, both are American.", "yes"), ("No.", "no"), ("Nobel Prize", "Nobel Prize"), ("Finish[Oslo] done", "Oslo"),
+    ("", ""), ("   \n", ""), ("**Answer:** New York City", "New York City"), ("[Greenwich Village]", "Greenwich Village"),
+])
+def test_parse_short_answer(text, expected):
+    assert parse_short_answer(text) == expected
+
+
+@given(st.text(max_size=200))
+def test_parse_short_answer_never_raises(text):
+    assert isinstance(parse_short_answer(text), str)

@@ -112,7 +112,8 @@ def run_one(script, problem, wf, assignment=None, pool=None, **kw) -> tuple[Epis
 # ---------------------------------------------------------------------- HotpotQA
 def test_budget_is_enforced_and_null_answer_when_no_finish():
     ret = WordRetriever()
-    res, _ = run_one(searcher, hotpot_problem(), get_workflow("hotpotqa", retriever=ret, budget=2))
+    res, _ = run_one(searcher, hotpot_problem(), get_workflow("hotpotqa", retriever=ret, budget=2,
+                                                              forced_answer="null"))
     acts = [t for t in res.turns if t.kind == "act" and t.role == "student"]
     assert len(acts) == 3  # B + 1 student turns
     assert len(ret.queries) == 2  # the last round's Search is not executed
@@ -123,6 +124,37 @@ def test_budget_is_enforced_and_null_answer_when_no_finish():
     assert [(t.role, t.kind) for t in res.turns[:4]] == [("student", "act"), ("student", "summary"),
                                                          ("teacher", "act"), ("teacher", "summary")]
     assert len(res.turns) == 2 * 4 + 1
+
+
+@pytest.mark.parametrize("style_model", ["m2", "base"])
+def test_forced_answer_ask_reads_the_passages_found(style_model):
+    def script(kind, req, n):
+        if kind == "student/answer":
+            return "Answer: Cheltenham.\nQuestion: more invented text" if style_model == "m2" else " Cheltenham"
+        return searcher(kind, req, n)
+
+    ret = WordRetriever()
+    res, pool = run_one(script, hotpot_problem(), get_workflow("hotpotqa", retriever=ret, budget=1),
+                        assignment={"teacher": "m1", "student": style_model}, sampling={"max_new_tokens": 64})
+    assert res.prediction == "Cheltenham" and res.score == 1.0
+    last = res.turns[-1]
+    assert (last.kind, last.action, last.parse_error) == ("answer", "Finish[Cheltenham]", None)
+    assert "no Finish" in res.turns[-2].parse_error  # the failed last act stays recorded
+    name, req = pool.requests[-1]
+    assert name == style_model and req.max_new_tokens == 24
+    text = req.prompt if style_model == "base" else req.messages[-1]["content"]
+    searched = next(t.retrieved for t in res.turns if t.retrieved)
+    assert searched in text and hotpot_problem().question in text  # the passages found, then the question
+    assert ret.queries[-1] == hotpot_problem().question  # one look-up with the question itself
+
+
+def test_response_prefix_is_rendered_after_the_generation_prompt(tiny_llama):
+    from haps.models.types import GenRequest
+
+    req = GenRequest(messages=[{"role": "user", "content": "Say hi"}], response_prefix="Thought: hi\nAction: Finish[")
+    plain = tiny_llama.render(GenRequest(messages=req.messages))
+    assert tiny_llama.render(req) == plain + req.response_prefix
+    assert tiny_llama.render(GenRequest(prompt="Q:", response_prefix=" A")) == "Q: A"
 
 
 def test_forced_answer_take_uses_the_given_argument():
@@ -187,7 +219,8 @@ def test_parse_failures_are_recorded_and_the_episode_goes_on():
 
 def test_no_summaries_halves_the_calls_and_keeps_raw_memory():
     res, pool = run_one(searcher, hotpot_problem(),
-                        get_workflow("hotpotqa", retriever=WordRetriever(), budget=2, summaries=False))
+                        get_workflow("hotpotqa", retriever=WordRetriever(), budget=2, summaries=False,
+                                     forced_answer="null"))
     assert all(t.kind == "act" for t in res.turns) and len(res.turns) == 2 * 2 + 1
     last_student = [r for _, r in pool.requests if r.tag.endswith("/student")][-1].messages[-1]["content"]
     assert "Earlier steps: Search[Gustav Holst 0]" in last_student
@@ -258,7 +291,8 @@ def test_lockstep_sends_one_batch_per_model_per_step():
     # every step: all 5 episodes wait for a call; 3 go to one model, 2 to the other
     assert sorted(n for _, n in pool.calls[:2]) == [2, 3]
     assert all(n in (2, 3) for _, n in pool.calls)
-    assert len(pool.calls) == 2 * 5  # 5 steps (act, sum, act, sum, final act) x 2 models
+    # 6 steps (act, sum, act, sum, final act without Finish, forced answer) x 2 models
+    assert len(pool.calls) == 2 * 6
     one_by_one = ScriptedPool(searcher)
     res1 = run_episodes(one_by_one, wf, jobs, progress=False, max_live=1)
     assert all(n == 1 for _, n in one_by_one.calls)

@@ -49,11 +49,14 @@ def collect_cmd(
     given = {"task": task, "data": data, "limit": limit, "pool": pool, "max_new_tokens": max_new_tokens,
              "sample": sample, "max_enumerate": max_enumerate, "seed": seed, "chunk_size": chunk_size}
     base.update({k: v for k, v in given.items() if v is not None})
-    if option:
-        base["workflow_options"] = {**base.get("workflow_options", {}), **_options(option)}
     for k in ("data", "limit", "max_new_tokens", "chunk_size"):  # a config may give per-task values
         if isinstance(base.get(k), dict):
             base[k] = base[k].get(task)
+    wo = base.get("workflow_options")
+    if isinstance(wo, dict) and wo and all(isinstance(v, dict) for v in wo.values()):  # keyed by task
+        base["workflow_options"] = wo.get(task, {})
+    if option:
+        base["workflow_options"] = {**base.get("workflow_options", {}), **_options(option)}
     base.pop("notes", None)
     if base.get("data") and not Path(base["data"]).exists():  # relative to $HAPS_DATA
         import os

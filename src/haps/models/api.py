@@ -110,6 +110,8 @@ class ApiModel:
 
     def _call_with_retries(self, req: GenRequest, seed: int | None):
         messages = req.messages if req.messages is not None else [{"role": "user", "content": req.prompt}]
+        if req.response_prefix:  # assistant prefill: servers that support it continue this message
+            messages = [*messages, {"role": "assistant", "content": req.response_prefix}]
         kwargs = dict(model=self.model_id, messages=messages, max_tokens=req.max_new_tokens,
                       temperature=req.temperature, top_p=req.top_p)
         if req.stop:

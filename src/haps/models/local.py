@@ -129,9 +129,12 @@ class LocalModel:
 
     # ------------------------------------------------------------------ prompts
     def render(self, req: GenRequest) -> str:
+        """The exact text the model continues: the raw prompt, or the chat template with the generation
+        prompt; then ``req.response_prefix``."""
         if req.prompt is not None:
-            return req.prompt
-        return self.tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+            return req.prompt + req.response_prefix
+        text = self.tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+        return text + req.response_prefix
 
     def encode(self, req: GenRequest) -> tuple[str, list[int]]:
         text = self.render(req)

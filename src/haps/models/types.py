@@ -41,6 +41,8 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     adapter: RowAdapter | None = None
     tag: str = ""  # free text for the caller (episode id, role)
+    # text the reply must start with: the model continues it (the generated text excludes it)
+    response_prefix: str = ""
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):

@@ -27,7 +27,7 @@ from haps.models.types import Generation, GenRequest
 from haps.registry import class_registrar
 
 Style = Literal["chat", "completion"]
-TurnKind = Literal["act", "summary"]
+TurnKind = Literal["act", "summary", "answer"]
 
 
 @dataclass
@@ -38,6 +38,7 @@ class PendingCall:
     role: str
     request: GenRequest
     kind: TurnKind = "act"
+    max_new_tokens: int | None = None  # a cap below the runner's per-call limit (e.g. a short answer)
 
 
 @dataclass

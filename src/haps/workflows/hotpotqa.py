@@ -5,9 +5,11 @@ Per round t = 0..B (B = search budget, default 3):
 1. Student: Thought + Action, Search[entity] or Finish[answer], seeing its summary (Context), the
    last search result with the Teacher's advice (Observation) and the Budget. Finish ends the
    episode with that answer. Search retrieves the top-k passages of the problem's own paragraphs.
-   On the last round (t = B) the Budget says the Student must finish; anything else ends the
-   episode with a null answer (official code), or, with ``forced_answer="take"``, with the argument
-   of the action given.
+   On the last round (t = B) the Budget says the Student must finish. Anything else: by default
+   (``forced_answer="ask"``) the Student's model answers in one short reading call over the passages
+   its searches found and the best passage for the question (ours: tiny models often stop after the
+   thought or copy the format's placeholders); ``"null"`` ends with a null answer (official code);
+   ``"take"`` takes the argument of the action given.
 2. Student summary (``summaries=True``, the paper's default): the Student's model merges this round
    into its running summary (the Context prompt, Figure 9). One extra call.
 3. Teacher: Thought (the advice) + Action [Continue] / [Rethink], seeing its own summary, its previous
@@ -41,6 +43,7 @@ from haps.workflows.base import (
 from haps.workflows.parsing import (
     StudentAction,
     TeacherAction,
+    parse_short_answer,
     parse_student_action,
     parse_summary,
     parse_teacher_action,
@@ -49,6 +52,7 @@ from haps.workflows.prompts import (
     BUDGET_CLOSED,
     BUDGET_OPEN,
     FIRST_CONTEXT,
+    HOTPOT_ANSWER,
     HOTPOT_STUDENT,
     HOTPOT_STUDENT_FINAL,
     HOTPOT_STUDENT_SUMMARY,
@@ -73,9 +77,11 @@ class HotpotQAOptions(BaseModel):
     top_k: int = Field(default=1, ge=1, description="Passages returned by each Search.")
     summaries: bool = Field(default=True, description="Update each agent's running summary with an extra "
                             "call of its model every round (paper: yes). Off: raw memory, half the calls.")
-    forced_answer: Literal["null", "take"] = Field(
-        default="null", description="Last round without Finish: 'null' answers nothing (official code), "
-        "'take' takes the argument of the action given.")
+    forced_answer: Literal["ask", "null", "take"] = Field(
+        default="ask", description="Last round without Finish: 'ask' has the Student's model answer in one "
+        "short reading call over the passages found, 'null' answers nothing (official code), 'take' takes the "
+        "argument of the action given.")
+    answer_tokens: int = Field(default=24, ge=1, description="forced_answer='ask': tokens for the answer.")
     passage_chars: int | None = Field(default=None, ge=20, description="Cut each retrieved passage to this "
                                       "many characters (None: whole paragraph, as in the paper).")
     memory_items: int = Field(default=3, ge=1, description="summaries=False: how many past steps the raw "
@@ -84,7 +90,7 @@ class HotpotQAOptions(BaseModel):
 
 @dataclass
 class HotpotState(EpisodeState):
-    phase: str = "student"  # student | student_summary | teacher | teacher_summary
+    phase: str = "student"  # student | student_answer | student_summary | teacher | teacher_summary
     student_ctx: str = FIRST_CONTEXT
     teacher_ctx: str = FIRST_CONTEXT
     student_last: tuple[str, str] | None = None  # (action, message) of the last Student round
@@ -95,6 +101,7 @@ class HotpotState(EpisodeState):
     teacher_act: TeacherAction | None = None
     student_memory: list[str] = field(default_factory=list)
     teacher_memory: list[str] = field(default_factory=list)
+    evidence: list[str] = field(default_factory=list)  # passages the Student's searches returned
 
 
 @register_workflow("hotpotqa")
@@ -141,6 +148,8 @@ class HotpotQAWorkflow(Workflow):
         call = self._take(state, role)
         if state.phase == "student":
             self._on_student(state, call, generation)
+        elif state.phase == "student_answer":
+            self._on_forced_answer(state, call, generation)
         elif state.phase == "student_summary":
             state.student_ctx = self._on_summary(state, call, generation, state.student_ctx)
             self._ask_teacher(state)
@@ -178,14 +187,18 @@ class HotpotQAWorkflow(Workflow):
         if act.kind == "finish":
             self._record(state, call, gen, text, action=act.action, parse_error=error)
             return self._finish(state, act.arg)
-        if final:  # no budget left and no Finish: null answer (or the argument given, if asked)
+        if final:  # no budget left and no Finish: ask for the answer, or null, or the argument given
             err = error or f"no Finish on the last round (got {act.action or 'nothing'})"
             self._record(state, call, gen, text, action=act.action or None, parse_error=err)
+            if self.options.forced_answer == "ask":
+                return self._ask_answer(state)
             return self._finish(state, act.arg if self.options.forced_answer == "take" else "")
         retrieved = None
         if act.kind == "search":
             retrieved = self._search(state.problem, act.arg)
             state.student_last = (act.action, retrieved)
+            if retrieved != NO_RESULT:
+                state.evidence.append(retrieved)
         else:
             state.student_last = (INVALID_ACTION, f"Could not parse the action {act.raw_action!r}.")
         self._record(state, call, gen, text, action=act.action or None, retrieved=retrieved, parse_error=error)
@@ -202,6 +215,25 @@ class HotpotQAWorkflow(Workflow):
         else:
             state.student_ctx = _memory(state.student_memory, self.options.memory_items)
             self._ask_teacher(state)
+
+    def _ask_answer(self, state: HotpotState) -> None:
+        """One short reading call of the Student's model: the question and the passages found so far
+        (plus the best passage for the question itself), answered in a few words."""
+        found = list(dict.fromkeys(state.evidence))
+        lookup = self._search(state.problem, state.problem.question)
+        if lookup != NO_RESULT and lookup not in found:
+            found.append(lookup)
+        values = {"passages": " ".join(found[-3:]) or NO_RESULT, "question": state.problem.question}
+        req = HOTPOT_ANSWER.request(state.styles["student"], values, tag=f"{state.problem.id}/student/answer")
+        state.phase = "student_answer"
+        state.waiting = [PendingCall("student", req, kind="answer", max_new_tokens=self.options.answer_tokens)]
+
+    def _on_forced_answer(self, state: HotpotState, call: PendingCall, gen: Generation) -> None:
+        text = HOTPOT_ANSWER.full_output(state.styles["student"], generation_text(gen))
+        answer = parse_short_answer(text)
+        error = generation_error(gen) or (None if answer else "empty answer")
+        self._record(state, call, gen, text, action=f"Finish[{answer}]" if answer else None, parse_error=error)
+        self._finish(state, answer)
 
     def _ask_teacher(self, state: HotpotState) -> None:
         state.phase = "teacher"

@@ -6,9 +6,10 @@ What each workflow does with a failure (mirrors the paper's released HotpotQA co
 * HotpotQA Student, a round with search budget left: the action counts as invalid, no retrieval
   happens, the round is spent, and the Teacher sees "could not parse the action" as the Student's
   action (the official code does the same with its "Invalid output format" marker).
-* HotpotQA Student, the last round (no budget): anything but ``Finish[...]`` ends the episode with a
-  null answer ("" scores 0), as the official code does; the workflow option
-  ``forced_answer="take"`` instead takes the argument of whatever action was given.
+* HotpotQA Student, the last round (no budget): anything but ``Finish[...]`` leads, by default, to one
+  short answer call (``parse_short_answer``); with ``forced_answer="null"`` it ends the episode with a
+  null answer ("" scores 0), as the official code does; ``forced_answer="take"`` takes the argument of
+  whatever action was given.
 * HotpotQA Teacher: no verdict; the Student sees an "invalid feedback" notice as the advice.
 * Summaries (context prompts): a reply without "Summary:" fails; the previous summary is kept,
   prefixed with a note that the update failed (as in the official code).
@@ -318,3 +319,24 @@ def parse_review(text: object) -> TeacherReview:
             return TeacherReview(feedback, m.group(1).lower() in ("1", "yes", "true"))
     err = "empty output" if not t.strip() else "no 'Submit: 0|1' found"
     return TeacherReview(feedback or t.strip(), None, err)
+
+
+_YES_NO = re.compile(r"^(yes|no)\b", re.IGNORECASE)
+_ANSWER_LABEL = re.compile(r"^\s*(?:final\s+)?answer\s*(?:is)?\s*[:\-]?\s*", re.IGNORECASE)
+
+
+def parse_short_answer(text: object) -> str:
+    """The answer of a short-answer reply ("Answer: X"): first line, label, quotes, brackets and a
+    trailing full stop removed; a reply opening with yes/no is that word. Returns "" for nothing."""
+    t = clean(text).strip()
+    t = _ANSWER_LABEL.sub("", t, count=1)
+    t = t.split("\n", 1)[0].strip()
+    m = _EXPLICIT.search(t)
+    if m:
+        t = m.group(2)
+    t = t.strip().strip("[]()").strip()
+    t = _strip_quotes(t).rstrip(".").strip()
+    y = _YES_NO.match(t)
+    if y and (len(t) == len(y.group(1)) or not t[len(y.group(1))].isalnum()):
+        return y.group(1).lower()
+    return t

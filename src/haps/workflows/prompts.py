@@ -218,6 +218,22 @@ HOTPOT_TEACHER_SUMMARY = _summary_template(
     example_action="[Continue]",
 )
 
+# the Student's last word when its last round ends without Finish (HotpotQAOptions.forced_answer="ask"):
+# a short reading-comprehension call over the passages found (ours, not the paper's)
+HOTPOT_ANSWER = PromptTemplate(
+    intro="""You are the Student agent and your search budget is spent. Answer the question from the passages you found. Give only the answer: a short phrase copied from the passages (a name, a place, a date, a number), or "yes" or "no" for a yes/no question.""",
+    inputs=(("Passages", "passages"), ("Question", "question")),
+    output_format="""Your reply must follow exactly this format:
+
+Answer: <the short answer>""",
+    completion_format='Reply with one line that starts with "Answer:".',
+    answer_prefix="Answer:",
+    example={"passages": f"{_EX_PASSAGE_1} {_EX_PASSAGE_2}", "question": _EX_Q, "output": "Cheltenham"},
+    chat_stops=("\n",),
+    extra_stops=("\n",),
+    token_hint=32,
+)
+
 # ====================================================================== MMLU (Figures 10-11)
 FIRST_ROUND = "None yet: this is the first round."
 

@@ -184,7 +184,10 @@ def run_episodes(pool, workflow: Workflow, jobs: Sequence[EpisodeJob], *,
                     for call in workflow.pending(state):
                         model = jobs[i].assignment[call.role]
                         adapter = (jobs[i].adapters or {}).get(call.role)
-                        req = replace(call.request, max_new_tokens=sampling.max_new_tokens,
+                        cap = sampling.max_new_tokens
+                        if call.max_new_tokens is not None:
+                            cap = min(cap, call.max_new_tokens)
+                        req = replace(call.request, max_new_tokens=cap,
                                       temperature=sampling.temperature, top_p=sampling.top_p, adapter=adapter)
                         buckets.setdefault(model, []).append((i, call.role, req))
                 for model, items in buckets.items():
