@@ -298,11 +298,15 @@ class LocalModel:
         b = len(seqs)
         plain_len = max(len(s) for s in seqs)
         groups = self._prefix_groups(seqs, reqs) if self.share_prefix and b > 1 else []
-        if not groups:
+
+        def plain() -> tuple[torch.Tensor, dict]:
             ids, mask = self._left_pad(seqs)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, L)
             return engine.prefill(ids, mask, pos), {"prompt_len": plain_len, "prefill_tokens": b * plain_len,
                                                     "prefix_groups": 0}
+
+        if not groups:
+            return plain()
         from transformers import DynamicCache
 
         covered = [0] * b  # prefix length available to each row
@@ -313,10 +317,7 @@ class LocalModel:
         cached = [max(0, len(s) - Ls) for s in seqs]  # tokens of each row taken from its group's cache
         P = max(cached)
         if P == 0:
-            ids, mask = self._left_pad(seqs)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            return engine.prefill(ids, mask, pos), {"prompt_len": plain_len, "prefill_tokens": b * plain_len,
-                                                    "prefix_groups": 0}
+            return plain()
         keys_l: list[torch.Tensor] = []
         values_l: list[torch.Tensor] = []
         prefix_tokens = 0
@@ -328,10 +329,7 @@ class LocalModel:
             adapter = reqs[g.rows[0]].adapter
             kv = self._prefix_kv(list(g.tokens[:n]), adapter, inj, stacked)
             if kv is None:  # a cache layout we cannot pre-fill: plain prefill
-                ids, mask = self._left_pad(seqs)
-                pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                return engine.prefill(ids, mask, pos), {"prompt_len": plain_len,
-                                                        "prefill_tokens": b * plain_len, "prefix_groups": 0}
+                return plain()
             if not keys_l:
                 keys_l = [k.new_zeros((b, k.shape[1], P, k.shape[3])) for k, _ in kv]
                 values_l = [v.new_zeros((b, v.shape[1], P, v.shape[3])) for _, v in kv]
