@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from haps.config import LoraTarget
 from haps.models.local import LocalModel
-from haps.models.prefix import plan_prefix_groups
+from haps.models.prefix import plan_length_buckets, plan_prefix_groups
 from haps.models.types import GenRequest, RowAdapter
 
 
@@ -57,6 +57,31 @@ def test_plan_invariants_on_random_rows(seqs, min_prefix):
             assert tuple(seqs[r][:g.length]) == g.tokens and len(seqs[r]) > g.length
 
 
+def _bucket_cost(lengths, buckets, overhead):
+    return sum(len(b) * max(lengths[r] for r in b) + overhead for b in buckets)
+
+
+def test_length_buckets_split_only_when_the_padding_saved_pays_for_a_call():
+    lengths = [300, 290, 20, 0, 25, 310]
+    assert plan_length_buckets(lengths, overhead_tokens=64) == [[5, 0, 1], [4, 2]]
+    assert plan_length_buckets(lengths, overhead_tokens=10_000) == [[5, 0, 1, 4, 2]]  # one call is cheaper
+    assert plan_length_buckets([0, 0]) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 400), min_size=0, max_size=20), st.integers(0, 200))
+def test_length_buckets_cover_each_row_once_at_minimal_cost(lengths, overhead):
+    buckets = plan_length_buckets(lengths, overhead)
+    rows = [r for b in buckets for r in b]
+    assert sorted(rows) == [r for r, n in enumerate(lengths) if n > 0]
+    if rows:  # never worse than one bucket, nor than one bucket per distinct length
+        assert _bucket_cost(lengths, buckets, overhead) <= _bucket_cost(lengths, [rows], overhead)
+        by_len: dict[int, list[int]] = {}
+        for r in rows:
+            by_len.setdefault(lengths[r], []).append(r)
+        assert _bucket_cost(lengths, buckets, overhead) <= _bucket_cost(lengths, list(by_len.values()), overhead)
+
+
 # ----------------------------------------------------------------------------- execution == plain prefill
 INSTRUCTIONS = ("You are the Student agent. Read the question and the passages, think step by step, then "
                 "answer with one short phrase. Example: Question: who wrote Hamlet? Answer: Shakespeare.\n")
@@ -80,18 +105,21 @@ def _adapter(local: LocalModel, target: LoraTarget, seed: int) -> RowAdapter:
                       B=[torch.randn(target.rank, i, generator=g) * 0.5 for _, i in shapes])
 
 
-def _run(local: LocalModel, reqs, target, share: bool, engine: str):
+def _run(local: LocalModel, reqs, target, share: bool, engine: str, overhead: int = 64):
     local.share_prefix, local.decode_engine = share, engine
-    local.min_shared_prefix = 4  # tiny Gemma3's sliding window (16) caps prefixes at 15 tokens
+    local.min_shared_prefix = 4  # short prompts; the shared prefix is longer than tiny Gemma3's sliding window (16)
+    local.bucket_overhead_tokens = overhead
     try:
         out = local.generate(reqs, target=target, seed=0)
         return out, dict(local.last_stats)
     finally:
         local.share_prefix, local.decode_engine, local.min_shared_prefix = True, "auto", 16
+        local.bucket_overhead_tokens = 64
 
 
 @pytest.mark.parametrize("engine", ["auto", "hf"])
-def test_shared_prefix_generation_equals_plain_prefill(tiny, engine):
+@pytest.mark.parametrize("overhead", [1, 10_000])  # many buckets / one bucket for the bodies
+def test_shared_prefix_generation_equals_plain_prefill(tiny, engine, overhead):
     target = LoraTarget(last_k_layers=2, rank=4)
     shared = _adapter(tiny, target, 7)
     adapters = [None, shared, shared, _adapter(tiny, target, 8), None, None, None]
@@ -100,8 +128,10 @@ def test_shared_prefix_generation_equals_plain_prefill(tiny, engine):
     reqs = [GenRequest(prompt=p, max_new_tokens=rng.choice([3, 9, 14]), adapter=a)
             for p, a in zip(prompts, adapters, strict=True)]
     plain, plain_stats = _run(tiny, reqs, target, False, engine)
-    shared_out, stats = _run(tiny, reqs, target, True, engine)
-    assert stats["prefix_groups"] > 0 and stats["prefill_tokens"] < plain_stats["prefill_tokens"]
+    shared_out, stats = _run(tiny, reqs, target, True, engine, overhead)
+    assert stats["prefix_groups"] > 0 and (stats["buckets"] > 1) == (overhead == 1)
+    if overhead == 1:  # one bucket is as wide as the longest row without a group: rows recompute prefixes
+        assert stats["prefill_tokens"] < plain_stats["prefill_tokens"]
     for p, s in zip(plain, shared_out, strict=True):
         assert s.token_ids == p.token_ids
         assert s.logprobs == pytest.approx(p.logprobs, abs=1e-4)
@@ -113,3 +143,17 @@ def test_shared_prefix_with_sampling_matches_plain_prefill(tiny_llama):
     shared, stats = _run(tiny_llama, reqs, None, True, "auto")
     assert stats["prefix_groups"] == 1
     assert [g.token_ids for g in shared] == [g.token_ids for g in plain]
+
+
+@pytest.mark.parametrize("engine", ["auto", "hf"])
+def test_ragged_prefill_without_shared_prefixes_equals_plain_prefill(tiny, engine):
+    """No two rows share a prefix: the bodies still run in length buckets; one-token prompts work too."""
+    texts = ["Zebra crossing at noon, then a long walk through the old market to find spices and tea.",
+             "Quantum", "Ok", "Mountains rise above the clouds where eagles nest.", OTHER]
+    reqs = [GenRequest(prompt=t, max_new_tokens=6) for t in texts]
+    plain, _ = _run(tiny, reqs, None, False, engine)
+    ragged, stats = _run(tiny, reqs, None, True, engine, overhead=1)
+    assert stats["prefix_groups"] == 0 and stats["buckets"] > 1
+    for p, r in zip(plain, ragged, strict=True):
+        assert r.token_ids == p.token_ids
+        assert r.logprobs == pytest.approx(p.logprobs, abs=1e-4)

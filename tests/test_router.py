@@ -221,6 +221,22 @@ def test_sft_overfits_16_examples_to_full_lookup_accuracy(smol_tokenizer):
     assert math.isclose(sum(rep["router"]["selection"].values()), 1.0)
 
 
+def test_validation_ties_are_broken_by_expected_reward(smol_tokenizer):
+    """The best epoch is the highest lookup reward, then the highest E_{z~P(z|p)}[R]: epochs whose argmax
+    picks tie (common on a few validation problems) are told apart by the router's distribution."""
+    from haps.train.sft import _rank
+
+    router = HighLevelRouter(tiny_backbone(smol_tokenizer, seed=3), smol_tokenizer, SPACE)
+    train, valid = _overfit_data(8)
+    rec = SFTRecipe(SFTConfig(epochs=1, batch_size=4))
+    rec.setup(router, train, valid)
+    v = rec.validate()
+    assert 0.0 <= v["expected_reward"] <= 1.0
+    assert _rank({"reward": 0.5, "expected_reward": 0.3}) > _rank({"reward": 0.5, "expected_reward": 0.2})
+    assert _rank({"reward": 0.6, "expected_reward": 0.0}) > _rank({"reward": 0.5, "expected_reward": 0.9})
+    assert _rank({"reward": 0.5, "expected_reward": 0.0}) > _rank({"reward": 0.5})
+
+
 def test_first_losses_are_pinned(smol_tokenizer):
     """The loss is the mean answer-token NLL; two runs with one seed give the same first steps."""
     losses = []

@@ -29,6 +29,19 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _totals_delta(before: dict, after: dict) -> dict:
+    """Where a model's time went during one mode: prefill vs decode seconds, prompt tokens vs the tokens
+    the prefill actually computed (padding and shared prefixes), batches."""
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    if not d:
+        return {}
+    out = {k: round(v, 2) if isinstance(v, float) else v for k, v in d.items()}
+    if d.get("prompt_tokens"):
+        out["prefill_tokens_per_prompt_token"] = round(d["prefill_tokens"] / d["prompt_tokens"], 3)
+        out["mean_rows_per_batch"] = round(d["rows"] / max(d["batches"], 1), 2)
+    return out
+
+
 @bench_app.command("episodes")
 def bench_episodes(
     n: int = typer.Option(32, help="HotpotQA episodes."),
@@ -73,6 +86,7 @@ def bench_episodes(
     preds = {}
     for mode, max_live in (("lockstep", None), ("one_at_a_time", 1)):
         stats = RunStats()
+        before = {name: dict(getattr(mp.backend(name), "totals", {})) for name in set(assignment.values())}
         t0 = time.perf_counter()
         res = run_episodes(mp, workflow, jobs, sampling=sampling, progress=progress, max_live=max_live, stats=stats)
         wall = time.perf_counter() - t0
@@ -83,6 +97,8 @@ def bench_episodes(
             "tokens_per_s": round(stats.tokens_out / wall, 2), "model_calls": stats.calls, "turns": stats.turns,
             "mean_f1": round(sum(r.score for r in res) / len(res), 4),
             "parse_failure_rate": round(stats.parse_failures / max(stats.turns, 1), 4),
+            "per_model": {name: _totals_delta(before[name], getattr(mp.backend(name), "totals", {}))
+                          for name in sorted(before)},
         }
     same = sum(a == b for a, b in zip(preds["lockstep"], preds["one_at_a_time"], strict=True))
     ratio = modes["one_at_a_time"]["wall_s"] / modes["lockstep"]["wall_s"]
@@ -106,5 +122,15 @@ def bench_episodes(
         t.add_row(mode, f"{m['wall_s']:.1f}", f"{m['episodes_per_s']:.3f}", f"{m['tokens_per_s']:.1f}",
                   str(m["model_calls"]), f"{m['mean_f1']:.3f}", f"{m['parse_failure_rate']:.1%}")
     con.print(t)
+    b = Table(title="where the time went (per model)")
+    for col in ("mode", "model", "batches", "rows/batch", "prefill s", "decode s", "computed/prompt tokens"):
+        b.add_column(col, justify="right" if col not in ("mode", "model") else "left")
+    for mode, m in modes.items():
+        for name, d in m["per_model"].items():
+            if d:
+                b.add_row(mode, name, str(d["batches"]), f"{d.get('mean_rows_per_batch', 0):.1f}",
+                          f"{d['prefill_s']:.1f}", f"{d['decode_s']:.1f}",
+                          f"{d.get('prefill_tokens_per_prompt_token', 0):.2f}")
+    con.print(b)
     con.print(f"speed-up lockstep / one-at-a-time: [bold]{ratio:.2f}x[/bold] (target >= 5x); identical predictions: "
               f"{same}/{n}. JSON: {out}")

@@ -21,7 +21,7 @@ from torch import nn
 from haps.config import LoraTarget, ModelSpec
 from haps.errors import ConfigError, ModelLoadError
 from haps.models.lora import LoRAInjector
-from haps.models.prefix import PrefixGroup, plan_prefix_groups
+from haps.models.prefix import PrefixGroup, plan_length_buckets, plan_prefix_groups
 from haps.models.sources import resolve
 from haps.models.types import Generation, GenRequest, RowAdapter
 
@@ -75,7 +75,12 @@ class LocalModel:
         # share only prefixes of at least this many tokens
         self.share_prefix: bool = True
         self.min_shared_prefix: int = 16
+        # the rest of each prompt runs in buckets of similar length; one more bucket (one more forward
+        # call) is worth this many padded tokens saved
+        self.bucket_overhead_tokens: int = 64
         self.last_stats: dict = {}
+        # running totals over every generated batch (benchmarks read differences of these)
+        self.totals: dict[str, float] = {}
         tokenizer.padding_side = "left"
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -266,7 +271,12 @@ class LocalModel:
         # timings of this batch for benchmarks: prefill (incl. the first token) and the decode steps
         self.last_stats = {"engine": type(engine).__name__, "rows": b, **prefill_stats,
                            "prefill_s": t_prefill - t0, "decode_s": t_end - t_prefill, "decode_steps": steps,
-                           "decode_tokens": sum(len(o) for o in out_ids) - b}
+                           "decode_tokens": sum(len(o) for o in out_ids) - b,
+                           "prompt_tokens": sum(len(e[1]) for e in encoded)}
+        for key in ("rows", "prefill_tokens", "prompt_tokens", "prefill_s", "decode_s", "decode_steps",
+                    "decode_tokens"):
+            self.totals[key] = self.totals.get(key, 0) + self.last_stats[key]
+        self.totals["batches"] = self.totals.get("batches", 0) + 1
         results = []
         for i in range(len(reqs)):
             ids_i = out_ids[i]
@@ -284,96 +294,126 @@ class LocalModel:
             ))
         return results
 
-    # ------------------------------------------------------------------ prefill with shared prefixes
+    # ------------------------------------------------------------------ prefill: shared prefixes, ragged bodies
     def _prefill(self, engine, seqs: list[list[int]], reqs, inj, stacked) -> tuple[torch.Tensor, dict]:
         """Prefill ``seqs`` (b rows) into ``engine``; returns the last-position logits (b, V) and stats.
 
-        With ``share_prefix``, rows are grouped by a common token prefix (`plan_prefix_groups`; rows with
-        different adapters never share) and each group's prefix is prefilled once at batch 1. The batch
-        is laid out exactly as plain left padding would lay it out (so sliding windows and positions see
-        the same keys): every row keeps its last ``Ls`` tokens as prefill input, Ls = the longest suffix
-        past its group's prefix, and the tokens before those come from its group's cached keys/values.
-        Rows in no group become groups of one (their prefill costs the same at batch 1 on a CPU).
+        Plain prefill is one left-padded batch of width max(len). With ``share_prefix`` (and b > 1), three
+        stages give the same keys, values and logits with less compute:
+
+        1. prefixes: rows are grouped by a common token prefix (`plan_prefix_groups`; rows with different
+           adapters never share); each group's prefix runs once at batch 1;
+        2. bodies: each row's tokens past its prefix, except the last, run in buckets of similar length
+           (`plan_length_buckets`), each bucket a left-padded batch over its rows' prefix keys/values. A
+           row shorter than its bucket recomputes a few prefix tokens rather than padding mid-row;
+        3. last tokens: one token per row through the engine, over the assembled cache of width
+           max(len) - 1 laid out as plain left padding (every row right-aligned), so that positions and
+           sliding windows (applied by the masks: the caches are config-less, all layers full) see the
+           same keys as in plain prefill.
         """
         b = len(seqs)
-        plain_len = max(len(s) for s in seqs)
-        groups = self._prefix_groups(seqs, reqs) if self.share_prefix and b > 1 else []
+        lengths = [len(s) for s in seqs]
+        plain_len = max(lengths)
 
         def plain() -> tuple[torch.Tensor, dict]:
             ids, mask = self._left_pad(seqs)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, L)
             return engine.prefill(ids, mask, pos), {"prompt_len": plain_len, "prefill_tokens": b * plain_len,
-                                                    "prefix_groups": 0}
+                                                    "prefix_groups": 0, "buckets": 1}
 
-        if not groups:
+        P = plain_len - 1  # width of the assembled cache
+        if not self.share_prefix or b == 1 or P == 0:
             return plain()
         from transformers import DynamicCache
 
-        covered = [0] * b  # prefix length available to each row
+        groups = [g for g in self._prefix_groups(seqs, reqs) if g.length > 0]
+        covered = [0] * b  # prefix length of each row's group (0: no group)
+        group_kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # row -> its group's (1, h, n, d)
+        computed = 0
         for g in groups:
-            for r in g.rows:
-                covered[r] = g.length
-        Ls = max(len(s) - c for s, c in zip(seqs, covered, strict=True))  # prefill input width
-        cached = [max(0, len(s) - Ls) for s in seqs]  # tokens of each row taken from its group's cache
-        P = max(cached)
-        if P == 0:
-            return plain()
-        keys_l: list[torch.Tensor] = []
-        values_l: list[torch.Tensor] = []
-        prefix_tokens = 0
-        for g in groups:
-            n = max(cached[r] for r in g.rows)
-            if n == 0:
-                continue
-            prefix_tokens += n
-            adapter = reqs[g.rows[0]].adapter
-            kv = self._prefix_kv(list(g.tokens[:n]), adapter, inj, stacked)
-            if kv is None:  # a cache layout we cannot pre-fill: plain prefill
+            kv = self._prefix_kv(list(g.tokens), reqs[g.rows[0]].adapter, inj, stacked)
+            if kv is None:  # a cache layout we cannot pre-fill
                 return plain()
-            if not keys_l:
-                keys_l = [k.new_zeros((b, k.shape[1], P, k.shape[3])) for k, _ in kv]
-                values_l = [v.new_zeros((b, v.shape[1], P, v.shape[3])) for _, v in kv]
+            computed += g.length
             for r in g.rows:
-                c = cached[r]
-                if c:
-                    for layer, (k, v) in enumerate(kv):
-                        keys_l[layer][r, :, P - c:] = k[0, :, :c]
-                        values_l[layer][r, :, P - c:] = v[0, :, :c]
-        past = DynamicCache(config=self.model.config)
-        for layer, (k, v) in enumerate(zip(keys_l, values_l, strict=True)):
-            past.update(k, v, layer)
-        suffix_ids, suffix_mask = self._left_pad([s[c:] for s, c in zip(seqs, cached, strict=True)])  # (b, Ls)
-        prefix_mask = torch.zeros((b, P), dtype=suffix_mask.dtype, device=suffix_mask.device)
-        for r, c in enumerate(cached):
-            prefix_mask[r, P - c:] = 1
-        mask = torch.cat([prefix_mask, suffix_mask], dim=1)  # (b, P + Ls): left padding only
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]  # (b, Ls)
-        logits = engine.prefill(suffix_ids, mask, pos, past=past)
-        return logits, {"prompt_len": plain_len, "prefill_tokens": b * Ls + prefix_tokens,
-                        "prefix_groups": len(groups)}
+                covered[r], group_kv[r] = g.length, kv
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+
+        def place(r: int, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], j: int) -> None:
+            """Row r's first len-1 positions are the last len-1 of ``layer_kv``'s row j: right-align them."""
+            n = lengths[r] - 1
+            if not keys:
+                keys.extend(k.new_zeros((b, k.shape[1], P, k.shape[3])) for k, _ in layer_kv)
+                values.extend(v.new_zeros((b, v.shape[1], P, v.shape[3])) for _, v in layer_kv)
+            for layer, (k, v) in enumerate(layer_kv):
+                keys[layer][r, :, P - n:] = k[j, :, k.shape[2] - n:]
+                values[layer][r, :, P - n:] = v[j, :, v.shape[2] - n:]
+
+        body = [lengths[r] - 1 - covered[r] for r in range(b)]
+        for r in range(b):
+            if body[r] == 0 and lengths[r] > 1:  # the prefix is all of the row but its last token
+                place(r, [(k, v) for k, v in group_kv[r]], 0)
+        buckets = plan_length_buckets(body, self.bucket_overhead_tokens)
+        for rows in buckets:
+            T = max(body[r] for r in rows)
+            cached = [max(0, lengths[r] - 1 - T) for r in rows]  # <= covered[r], since body[r] <= T
+            Pk = max(cached)
+            past = DynamicCache()
+            if Pk:
+                for layer in range(len(next(iter(group_kv.values())))):
+                    k0, v0 = group_kv[next(r for r, c in zip(rows, cached, strict=True) if c)][layer]
+                    kb = k0.new_zeros((len(rows), k0.shape[1], Pk, k0.shape[3]))
+                    vb = v0.new_zeros((len(rows), v0.shape[1], Pk, v0.shape[3]))
+                    for j, (r, c) in enumerate(zip(rows, cached, strict=True)):
+                        if c:
+                            kb[j, :, Pk - c:] = group_kv[r][layer][0][0, :, :c]
+                            vb[j, :, Pk - c:] = group_kv[r][layer][1][0, :, :c]
+                    past.update(kb, vb, layer)
+            ids, in_mask = self._left_pad([seqs[r][c:lengths[r] - 1] for r, c in zip(rows, cached, strict=True)])
+            pmask = torch.zeros((len(rows), Pk), dtype=in_mask.dtype, device=in_mask.device)
+            for j, c in enumerate(cached):
+                pmask[j, Pk - c:] = 1
+            mask = torch.cat([pmask, in_mask], dim=1)  # (n, Pk + T): left padding only
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, Pk:]
+            try:
+                if inj is not None:
+                    inj.set(inj.stack([reqs[r].adapter for r in rows], self.device, self.model.dtype))
+                self.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
+                                         use_cache=True)
+            finally:
+                if inj is not None:
+                    inj.set(stacked)
+            if not _full_layers(past, Pk + ids.shape[1]):
+                return plain()
+            computed += len(rows) * T
+            layer_kv = [(layer.keys, layer.values) for layer in past.layers]
+            for j, r in enumerate(rows):
+                place(r, layer_kv, j)
+            del past, layer_kv
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            cache.update(k, v, layer)
+        last = torch.tensor([[s[-1]] for s in seqs], dtype=torch.long, device=self.device)  # (b, 1)
+        mask = torch.zeros((b, P + 1), dtype=torch.long, device=self.device)
+        for r, n in enumerate(lengths):
+            mask[r, P + 1 - n:] = 1
+        pos = torch.tensor([[n - 1] for n in lengths], dtype=torch.long, device=self.device)
+        logits = engine.prefill(last, mask, pos, past=cache)
+        return logits, {"prompt_len": plain_len, "prefill_tokens": computed + b, "prefix_groups": len(groups),
+                        "buckets": len(buckets)}
 
     def _prefix_groups(self, seqs: list[list[int]], reqs) -> list[PrefixGroup]:
-        """Groups of rows sharing a prefix, plus a group of one for every other row (prefix: all but the
-        last token)."""
-        window = getattr(self.model.config, "sliding_window", None)
-        max_prefix = window - 1 if isinstance(window, int) and window > 1 else None
+        """Groups of rows sharing a prefix of at least ``min_shared_prefix`` tokens (same adapter)."""
         keys = [id(r.adapter) if r.adapter is not None else None for r in reqs]
-        groups = plan_prefix_groups(seqs, keys, min_prefix=self.min_shared_prefix, max_prefix=max_prefix)
-        if not groups:
-            return []
-        grouped = {r for g in groups for r in g.rows}
-        for r, s in enumerate(seqs):
-            if r not in grouped:
-                n = len(s) - 1 if max_prefix is None else min(len(s) - 1, max_prefix)
-                groups.append(PrefixGroup((r,), tuple(s[:n])))
-        return groups
+        return plan_prefix_groups(seqs, keys, min_prefix=self.min_shared_prefix)
 
     def _prefix_kv(self, tokens: list[int], adapter, inj, stacked) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """Keys and values, per layer (1, h_kv, n, d), of one prefix run at batch 1 with ``adapter``."""
+        """Keys and values, per layer (1, h_kv, n, d), of one prefix run at batch 1 with ``adapter``
+        (None if the model's cache is not made of full `DynamicLayer`s)."""
         from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-        dyn = DynamicCache(config=self.model.config)
+        dyn = DynamicCache()  # config-less: every layer full, sliding windows come from the mask
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
         try:
             if inj is not None:
@@ -382,10 +422,8 @@ class LocalModel:
         finally:
             if inj is not None:
                 inj.set(stacked)
-        if any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in dyn.layers):
+        if not _full_layers(dyn, len(tokens)):
             return None
-        if any(layer.keys.shape[2] != len(tokens) for layer in dyn.layers):
-            return None  # a sliding layer dropped keys: the window is shorter than the prefix
         return [(layer.keys, layer.values) for layer in dyn.layers]
 
     @staticmethod
@@ -466,6 +504,13 @@ class LocalModel:
         ])  # (N,)
         out = hidden.new_zeros(len(seqs))
         return out.index_add(0, torch.tensor(rows, device=h.device), token_lp)
+
+
+def _full_layers(cache, n: int) -> bool:
+    """Whether every layer of ``cache`` is a plain `DynamicLayer` holding all ``n`` positions."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer and layer.keys.shape[2] == n for layer in cache.layers)
 
 
 def _head_logprob(h: torch.Tensor, tgt: torch.Tensor, weight: torch.Tensor, bias, cap) -> torch.Tensor:

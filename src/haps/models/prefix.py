@@ -5,7 +5,9 @@ example): only the problem and the history differ. `plan_prefix_groups` groups t
 common token prefix so that the prefix is prefilled once per group (batch 1) and its keys/values are
 copied to every row of the group; only the suffixes go through the batched prefill.
 
-The plan is pure bookkeeping on token lists; `LocalModel._generate_batch` executes it.
+`plan_length_buckets` then cuts the rows into buckets of similar remaining length, so that the batched
+prefill of what is left after the prefixes pads little. Both plans are pure bookkeeping on token lists;
+`LocalModel._prefill` executes them.
 """
 
 from __future__ import annotations
@@ -79,3 +81,30 @@ def plan_prefix_groups(seqs: Sequence[Sequence[int]], keys: Sequence[Hashable] |
         if saved > best_saved:
             best, best_saved = groups, saved
     return best
+
+
+def plan_length_buckets(lengths: Sequence[int], overhead_tokens: int = 64) -> list[list[int]]:
+    """Split rows into buckets of similar length so that a padded batched prefill wastes little.
+
+    A bucket of n rows padded to its longest row, T, costs ``n * T + overhead_tokens`` (the overhead
+    is the fixed cost of one more forward call, in token equivalents). Rows sorted by length are cut
+    into contiguous buckets by an exact O(b^2) dynamic programme that minimises the total cost. Rows of
+    length 0 need no compute and go in no bucket. Returns lists of row indices, longest bucket first.
+    """
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
+    n = len(order)
+    if n == 0:
+        return []
+    best = [0.0] + [float("inf")] * n  # best[j]: cheapest cover of order[:j]
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):  # bucket order[i:j], padded to lengths[order[i]] (the longest, sorted desc)
+            c = best[i] + (j - i) * lengths[order[i]] + overhead_tokens
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    buckets = []
+    j = n
+    while j > 0:
+        buckets.append(order[cut[j]:j])
+        j = cut[j]
+    return buckets[::-1]

@@ -3,7 +3,8 @@
 Recipe (setup / train / save_checkpoint): causal-LM loss on the JSON answer tokens only (the prompt is
 masked), AdamW, linear warm-up then cosine decay, gradient accumulation, full fine-tuning or a PEFT
 LoRA on the backbone. After every epoch (and once before training) the router is validated by lookup on
-the validation split's action-level data; the best epoch by validation reward is kept and written as
+the validation split's action-level data; the best epoch by validation reward (ties: by expected reward
+under P(z|p)) is kept and written as
 safetensors + JSON.
 """
 
@@ -85,6 +86,12 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
+def _rank(v: dict[str, Any]) -> tuple[float, float]:
+    """Validation order: lookup reward of the router's choices, then its expected reward under P(z|p)
+    (smooth: on a few problems many epochs tie on the first)."""
+    return v["reward"], v.get("expected_reward", float("-inf"))
+
+
 class SFTRecipe:
     """setup -> train -> save_checkpoint. Components are built from the config or passed in (tests)."""
 
@@ -125,7 +132,10 @@ class SFTRecipe:
         self.router.train_mode(False)
         try:
             pols = router_policies(self.router, self.valid.table, self.valid.prompts)
-            return self.valid.table.evaluate(pols["router"])
+            out = self.valid.table.evaluate(pols["router"])
+            if "router (expected)" in pols:  # E_{z ~ P(z|p)}[R], the tie-break of `_rank`
+                out["expected_reward"] = self.valid.table.evaluate(pols["router (expected)"])["reward"]
+            return out
         finally:
             self.router.train_mode(True)
 
@@ -165,7 +175,7 @@ class SFTRecipe:
                 v = self.validate()
                 log = EpochLog(epoch, self.step, sum(losses) / len(losses), v, time.perf_counter() - t0)
                 self.history.append(log)
-                if v and (self.best is None or v["reward"] > self.best["reward"]):
+                if v and (self.best is None or _rank(v) > _rank(self.best)):
                     self.best = {"epoch": epoch, **v}
                     if on_best:
                         on_best(self)
