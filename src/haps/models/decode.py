@@ -26,6 +26,20 @@ from torch import nn
 LEAN_FAMILIES = {"llama": "plain", "gemma3_text": "per_type"}
 
 
+def head_logits(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits (b, V) of last-position hidden states ``h`` (b, d).
+
+    On CPU, for a plain bias-free ``nn.Linear`` head, computes ``W @ h^T`` (V, b) and transposes it: the
+    same dot products as ``h @ W^T``, but MKL then streams the (V, d) weight as its left operand instead
+    of packing it as a transposed right operand. Measured on this project's 2-core AVX2 machine (Gemma 3's
+    262k x 640 head): 40 vs 130 ms at b=2, 103 vs 190 ms at b=16, 252 vs 356 ms at b=64. Other heads and
+    devices are called as they are.
+    """
+    if type(head) is nn.Linear and head.bias is None and h.dim() == 2 and h.device.type == "cpu":
+        return torch.mm(head.weight, h.t()).t().contiguous()
+    return head(h)
+
+
 class HFDecode:
     """Reference engine: the model's forward and a transformers DynamicCache, every step."""
 
@@ -95,7 +109,7 @@ class StaticKVCache:
 class LeanDecode:
     """Fast engine for known families: static KV cache, direct decoder-layer calls, last-token head.
 
-    Exactness: the prefill is the reference forward itself; a decode step runs the same modules on the
+    Exactness: the prefill is the reference decoder forward itself; a decode step runs the same modules on the
     same inputs, with keys/values read from a buffer instead of a concatenated tensor, and an additive
     mask of 0 / finfo.min (what the reference's masks mean). Sliding-window layers see the same keys:
     positions older than the window are masked rather than dropped.
@@ -126,8 +140,9 @@ class LeanDecode:
         from transformers import DynamicCache
 
         dyn = past if past is not None else DynamicCache(config=self.cfg)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=dyn,
-                            use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        hidden = self.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=dyn,
+                              use_cache=True).last_hidden_state  # (b, T, d), after the final norm
+        logits = self._logits(hidden[:, -1])
         b, L = mask.shape  # past + new positions
         S = L + self.max_new
         keys, values = [], []
@@ -175,11 +190,15 @@ class LeanDecode:
             h = layer(h, attention_mask=masks[lt], position_embeddings=pes[lt], position_ids=pos,
                       past_key_values=cache)
         cache.advance(1)
-        h = self.decoder.norm(h[:, -1])  # (b, d)
-        logits = self.model.get_output_embeddings()(h)  # (b, V)
+        logits = self._logits(self.decoder.norm(h[:, -1]))
+        self.next_pos = self.next_pos + 1
+        return logits
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(b, d) final-normed hidden states -> (b, V) logits, with the model's final soft-capping."""
+        logits = head_logits(self.model.get_output_embeddings(), h)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        self.next_pos = self.next_pos + 1
         return logits
 
     def select_rows(self, keep: torch.Tensor) -> None:
