@@ -338,3 +338,21 @@ def test_generate_without_seed_leaves_the_global_rng_alone(tiny_llama):
     torch.manual_seed(0)
     tiny_llama.generate([GenRequest(prompt="Hi", max_new_tokens=2, temperature=1.0)])
     assert torch.equal(torch.rand(3), want)
+
+
+def test_head_logits_equals_the_linear_head():
+    """The W @ h^T head gives h @ W^T (up to float summation order) and leaves other heads alone."""
+    from torch import nn
+
+    from haps.models.decode import head_logits
+
+    torch.manual_seed(0)
+    head = nn.Linear(24, 300, bias=False)
+    for b in (1, 2, 7):
+        h = torch.randn(b, 24)
+        out = head_logits(head, h)
+        assert out.shape == (b, 300) and out.is_contiguous()
+        torch.testing.assert_close(out, head(h), rtol=1e-5, atol=1e-5)
+    biased = nn.Linear(24, 300)
+    h = torch.randn(3, 24)
+    assert torch.equal(head_logits(biased, h), biased(h))

@@ -148,10 +148,12 @@ def _peft(m, adapters: list[RowAdapter], target: LoraTarget):
                 mod.lora_A[f"row{r}"].weight.copy_(a.B[li])  # (r, d_in): shrink
                 mod.lora_B[f"row{r}"].weight.copy_(a.A[li])  # (d_out, r): expand
     pm.eval()
+    share, m.share_prefix = m.share_prefix, False  # PEFT's mixed-batch hooks need whole-batch forwards
     try:
         with pm.base_model._enable_peft_forward_hooks(adapter_names=[f"row{r}" for r in range(len(adapters))]):
             yield
     finally:
+        m.share_prefix = share
         pm.base_model.unload()
 
 

@@ -328,6 +328,13 @@ class LocalModel:
 
         groups = [g for g in self._prefix_groups(seqs, reqs) if g.length > 0]
         covered = [0] * b  # prefix length of each row's group (0: no group)
+        for g in groups:
+            for r in g.rows:
+                covered[r] = g.length
+        body = [lengths[r] - 1 - covered[r] for r in range(b)]
+        buckets = plan_length_buckets(body, self.bucket_overhead_tokens)
+        if not groups and len(buckets) <= 1:  # nothing to save over one padded batch
+            return plain()
         group_kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # row -> its group's (1, h, n, d)
         computed = 0
         for g in groups:
@@ -336,7 +343,7 @@ class LocalModel:
                 return plain()
             computed += g.length
             for r in g.rows:
-                covered[r], group_kv[r] = g.length, kv
+                group_kv[r] = kv
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
 
@@ -350,11 +357,9 @@ class LocalModel:
                 keys[layer][r, :, P - n:] = k[j, :, k.shape[2] - n:]
                 values[layer][r, :, P - n:] = v[j, :, v.shape[2] - n:]
 
-        body = [lengths[r] - 1 - covered[r] for r in range(b)]
         for r in range(b):
             if body[r] == 0 and lengths[r] > 1:  # the prefix is all of the row but its last token
-                place(r, [(k, v) for k, v in group_kv[r]], 0)
-        buckets = plan_length_buckets(body, self.bucket_overhead_tokens)
+                place(r, group_kv[r], 0)
         for rows in buckets:
             T = max(body[r] for r in rows)
             cached = [max(0, lengths[r] - 1 - T) for r in rows]  # <= covered[r], since body[r] <= T
