@@ -100,6 +100,21 @@ def test_memory_cache_skips_encoding(retriever, monkeypatch):
     assert calls == [1]  # only the new query is encoded
 
 
+def test_warm_encodes_paragraphs_up_front_and_clear_cache_forgets(retriever, monkeypatch):
+    r = _sharing(retriever)
+    problems = load_problems("hotpotqa")[:3]
+    n = r.warm(problems)
+    assert n == sum(len(p.paragraphs()) for p in problems) and len(r._cache) > 0
+    calls: list[int] = []
+    real = r._encode_batch
+    monkeypatch.setattr(r, "_encode_batch", lambda texts: calls.append(len(texts)) or real(texts))
+    r.search("Mount Kenya", problems[1])
+    assert calls == [1]  # paragraphs were warm: only the query is encoded
+    r.clear_cache()
+    r.search("Mount Kenya", problems[1])
+    assert calls == [1, len(problems[1].paragraphs()), 1]
+
+
 def test_global_scope_searches_across_problems_and_caches_on_disk(retriever, tmp_path, monkeypatch):
     probs = load_problems("hotpotqa")
     g = _sharing(retriever, scope="global", cache_dir=tmp_path, top_k=3)

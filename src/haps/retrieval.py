@@ -151,6 +151,18 @@ class DenseRetriever:
             return torch.zeros(0, 0)
         return torch.stack([self._cache[k] for k in keys])  # (n, d)
 
+    def warm(self, problems: Sequence[Problem]) -> int:
+        """Encode (and cache) the paragraphs of ``problems`` now, e.g. before a timed run; returns how many
+        paragraphs that was."""
+        texts = [self.passage_text(t, x) for p in problems for t, x in p.paragraphs()]
+        if texts:
+            self.encode(texts)
+        return len(texts)
+
+    def clear_cache(self) -> None:
+        """Forget the in-memory embeddings (paragraphs and queries; a global index stays)."""
+        self._cache.clear()
+
     def _encode_batch(self, texts: list[str]) -> torch.Tensor:
         emb = self.encoder.encode(texts, batch_size=self.batch_size, convert_to_tensor=True,
                                   normalize_embeddings=True, show_progress_bar=False)
