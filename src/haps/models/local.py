@@ -381,18 +381,10 @@ class LocalModel:
                 pmask[j, Pk - c:] = 1
             mask = torch.cat([pmask, in_mask], dim=1)  # (n, Pk + T): left padding only
             pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, Pk:]
-            try:
-                if inj is not None:
-                    inj.set(inj.stack([reqs[r].adapter for r in rows], self.device, self.model.dtype))
-                self.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
-                                         use_cache=True)
-            finally:
-                if inj is not None:
-                    inj.set(stacked)
-            if not _full_layers(past, Pk + ids.shape[1]):
+            layer_kv = self._decoder_kv(ids, [reqs[r].adapter for r in rows], inj, stacked, mask, pos, past)
+            if layer_kv is None:
                 return plain()
             computed += len(rows) * T
-            layer_kv = [(layer.keys, layer.values) for layer in past.layers]
             for j, r in enumerate(rows):
                 place(r, layer_kv, j)
             del past, layer_kv
@@ -414,22 +406,31 @@ class LocalModel:
         return plan_prefix_groups(seqs, keys, min_prefix=self.min_shared_prefix)
 
     def _prefix_kv(self, tokens: list[int], adapter, inj, stacked) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """Keys and values, per layer (1, h_kv, n, d), of one prefix run at batch 1 with ``adapter``
-        (None if the model's cache is not made of full `DynamicLayer`s)."""
+        """Keys and values, per layer (1, h_kv, n, d), of one prefix run at batch 1 with ``adapter``."""
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        return self._decoder_kv(ids, [adapter], inj, stacked)
+
+    def _decoder_kv(self, ids: torch.Tensor, adapters, inj, stacked, mask=None, pos=None,
+                    past=None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Run the decoder on ``ids`` (n, T) after ``past`` (a config-less `DynamicCache`: every layer full,
+        sliding windows come from the mask) with the rows' own ``adapters``, then put the batch's adapters
+        ``stacked`` back. Returns each layer's keys and values (n, h_kv, P + T, d), or None if the model's
+        cache is not made of full `DynamicLayer`s (the caller then prefills plainly)."""
         from transformers import DynamicCache
 
-        dyn = DynamicCache()  # config-less: every layer full, sliding windows come from the mask
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        past = past if past is not None else DynamicCache()
+        n_before = past.get_seq_length()
         try:
             if inj is not None:
-                inj.set(inj.stack([adapter], self.device, self.model.dtype) if adapter is not None else None)
-            self.model.get_decoder()(input_ids=ids, past_key_values=dyn, use_cache=True)
+                inj.set(inj.stack(adapters, self.device, self.model.dtype))
+            self.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
+                                     use_cache=True)
         finally:
             if inj is not None:
                 inj.set(stacked)
-        if not _full_layers(dyn, len(tokens)):
+        if not _full_layers(past, n_before + ids.shape[1]):
             return None
-        return [(layer.keys, layer.values) for layer in dyn.layers]
+        return [(layer.keys, layer.values) for layer in past.layers]
 
     @staticmethod
     def _pick(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor,
