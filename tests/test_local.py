@@ -353,6 +353,8 @@ def test_head_logits_equals_the_linear_head():
         out = head_logits(head, h)
         assert out.shape == (b, 300) and out.is_contiguous()
         torch.testing.assert_close(out, head(h), rtol=1e-5, atol=1e-5)
+        sliced = head_logits(head, h, chunk=64)  # 5 slices, the last one short
+        torch.testing.assert_close(sliced, out, rtol=1e-6, atol=1e-6)
     biased = nn.Linear(24, 300)
     h = torch.randn(3, 24)
     assert torch.equal(head_logits(biased, h), biased(h))

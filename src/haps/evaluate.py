@@ -152,7 +152,7 @@ def report_table(report: Mapping[str, Any], title: str = "evaluation by lookup")
 
 
 def write_report(report: Mapping[str, Any], path: str | Path) -> None:
-    from haps.train.collect import write_json_atomic
+    from haps.files import write_json_atomic
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

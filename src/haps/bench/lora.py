@@ -104,25 +104,16 @@ def _no_eos(m):
         m.eos_ids = saved
 
 
-def _row_loop_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """Naive per-request LoRA: one row at a time with that row's merged weight."""
-    if self.A is None:
-        return self.base_layer(x)
-    W = self.base_layer.weight
-    rows = [torch.nn.functional.linear(x[i], W + self.alpha * (self.A[i] @ self.B[i]), self.base_layer.bias)
-            for i in range(x.shape[0])]
-    return torch.stack(rows)  # (b, T, d_out)
-
-
 @contextmanager
 def _row_loop(injector):
+    """The naive per-request LoRA: each wrapped layer applies its rows one by one with merged weights."""
     for w in injector.wrappers:
-        w.forward = _row_loop_forward.__get__(w)
+        w.row_loop = True
     try:
         yield
     finally:
         for w in injector.wrappers:
-            del w.forward
+            w.row_loop = False
 
 
 @contextmanager

@@ -4,10 +4,8 @@ modes gave the same predictions."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -16,17 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from haps.cli import bench_app
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from haps.files import write_json_atomic
 
 
 def _totals_delta(before: dict, after: dict) -> dict:
@@ -115,7 +103,7 @@ def bench_episodes(
                     "python": platform.python_version(), "device": "cpu"},
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    _write_json_atomic(out, result)
+    write_json_atomic(out, result)
 
     t = Table(title=f"{n} HotpotQA episodes, teacher={assignment['teacher']}, student={assignment['student']}, "
                     f"greedy, {max_new_tokens} tokens/call")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import typer
@@ -13,17 +10,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from haps.cli import bench_app
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+from haps.files import write_json_atomic
 
 
 def results_table(data: dict) -> Table:
@@ -40,6 +27,13 @@ def results_table(data: dict) -> Table:
     return t
 
 
+def _csv(text: str, kind: type) -> list:
+    try:
+        return [kind(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise typer.BadParameter(f"expected comma-separated {kind.__name__} values, got {text!r}.") from e
+
+
 @bench_app.command("lora")
 def bench_lora(
     out: Path = typer.Option(..., "--out", help="JSON file to write (one record per measurement)."),
@@ -47,6 +41,11 @@ def bench_lora(
     new_tokens: int = typer.Option(None, help="Tokens generated per row (default 32, quick 8)."),
     rounds: int = typer.Option(None, help="Interleaved rounds per batch; the best round is kept."),
     pool: str = typer.Option("tiny", help="Built-in pool name or pool YAML file."),
+    models: str = typer.Option(None, help="Comma-separated pool model names (default: SmolLM2 and Gemma 3)."),
+    batches: str = typer.Option(None, help="Comma-separated batch sizes (default 1,8,32,64)."),
+    modes: str = typer.Option(None, help="Comma-separated modes out of base,base_hf,bmm,loop,peft."),
+    layers: str = typer.Option(None, help="Comma-separated numbers of adapted last layers (default 1,2)."),
+    dtype_batches: str = typer.Option(None, help="Comma-separated batches for the bf16 comparison ('' for none)."),
 ) -> None:
     """Decode tokens/s: no adapter vs per-request LoRA (batched matmul, row loop, PEFT), ratios to no adapter."""
     from haps.bench.lora import BenchConfig, quick_config, run_bench
@@ -57,6 +56,22 @@ def bench_lora(
         cfg.new_tokens = new_tokens
     if rounds:
         cfg.rounds = rounds
+    if models:
+        cfg.models = _csv(models, str)
+    if batches:
+        cfg.batches = _csv(batches, int)
+    if modes:
+        cfg.modes = _csv(modes, str)
+        unknown = set(cfg.modes) - {"base", "base_hf", "bmm", "loop", "peft"}
+        if unknown:
+            raise typer.BadParameter(f"unknown modes {sorted(unknown)}; choose from base,base_hf,bmm,loop,peft.",
+                                     param_hint="--modes")
+        if "base" not in cfg.modes:
+            cfg.modes.insert(0, "base")  # every ratio is to base
+    if layers:
+        cfg.layers = _csv(layers, int)
+    if dtype_batches is not None:
+        cfg.dtype_batches = _csv(dtype_batches, int) if dtype_batches.strip() else []
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as prog:
@@ -68,7 +83,7 @@ def bench_lora(
         def step(desc: str) -> None:
             prog.update(task, description=desc, advance=1)
 
-        data = run_bench(cfg, progress=step, on_result=lambda d: _write_json(out, d))
-    _write_json(out, data)
+        data = run_bench(cfg, progress=step, on_result=lambda d: write_json_atomic(out, d))
+    write_json_atomic(out, data)
     console.print(results_table(data))
     console.print(f"wrote {out}")

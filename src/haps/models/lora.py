@@ -40,6 +40,9 @@ class PerRequestLoRALinear(nn.Module):
         self.alpha = alpha
         self.A: torch.Tensor | None = None  # (b, d_out, r)
         self.B: torch.Tensor | None = None  # (b, r, d_in)
+        # The naive strategy, kept as a benchmark baseline: one row at a time with that row's merged weight
+        # W + alpha * A_i @ B_i (what `reference_lora_forward` does). Off: two batched matmuls for all rows.
+        self.row_loop = False
 
     @property
     def in_features(self) -> int:
@@ -65,19 +68,29 @@ class PerRequestLoRALinear(nn.Module):
             )
         self.A, self.B = A, B
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (b, T, d_in)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (b, T, d_in) -> (b, T, d_out)
+        if self.A is not None and self.row_loop:
+            self._check_rows(x)
+            W, bias = self.base_layer.weight, self.base_layer.bias
+            return torch.stack([nn.functional.linear(x[i], W + self.alpha * (self.A[i] @ self.B[i]).to(W.dtype), bias)
+                                for i in range(x.shape[0])])
         y = self.base_layer(x)  # (b, T, d_out)
-        if self.A is None:
-            return y
+        return y if self.A is None else y + self.delta(x)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapters' term alpha * A_i (B_i x) of every row: x (b, T, d_in) -> (b, T, d_out); needs adapters set."""
+        self._check_rows(x)
+        B_t = self.B.to(x.dtype).transpose(1, 2)  # (b, d_in, r)
+        A_t = self.A.to(x.dtype).transpose(1, 2)  # (b, r, d_out)
+        shrink = torch.bmm(x, B_t)  # (b, T, r)
+        return self.alpha * torch.bmm(shrink, A_t)  # (b, T, d_out)
+
+    def _check_rows(self, x: torch.Tensor) -> None:
         if x.shape[0] != self.A.shape[0]:
             raise ShapeError(
                 f"batch has {x.shape[0]} rows but adapters were set for {self.A.shape[0]} rows; "
                 "set one adapter row (zeros for none) per batch row."
             )
-        B_t = self.B.to(x.dtype).transpose(1, 2)  # (b, d_in, r)
-        A_t = self.A.to(x.dtype).transpose(1, 2)  # (b, r, d_out)
-        shrink = torch.bmm(x, B_t)  # (b, T, r)
-        return y + self.alpha * torch.bmm(shrink, A_t)  # (b, T, d_out)
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:

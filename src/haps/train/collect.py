@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from haps.errors import ConfigError, DataError
+from haps.files import write_json_atomic
 from haps.routing.space import Assignment, AssignmentSpace
 
 ACTIONS = "actions.jsonl"
@@ -145,20 +145,6 @@ class JsonlAppender:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------- plan
