@@ -358,3 +358,30 @@ def test_head_logits_equals_the_linear_head():
     biased = nn.Linear(24, 300)
     h = torch.randn(3, 24)
     assert torch.equal(head_logits(biased, h), biased(h))
+
+
+def test_greedy_pick_equals_full_logits_pick():
+    """Slice-wise greedy picking gives argmax's token (first of tied maxima, across slices too) and the
+    same log-prob as logsumexp over the whole row; soft-capping as in the lean engine."""
+    from torch import nn
+
+    from haps.models.decode import greedy_pick, head_logits, pick_tokens
+
+    torch.manual_seed(0)
+    head = nn.Linear(16, 1000, bias=False)
+    with torch.no_grad():
+        head.weight[900] = head.weight[37] * 1.0  # exact tie between slices 0 and 14 (chunk 64)
+        head.weight[37] *= 0.0
+        head.weight[37] += 3.0  # large logits for rows with positive sums
+        head.weight[900] = head.weight[37]
+    h = torch.randn(7, 16)
+    h[0] = 1.0  # row 0's maximum is the tied pair: argmax must say 37
+    temps, top_ps = torch.zeros(7), torch.ones(7)
+    for cap in (None, 5.0):
+        logits = head_logits(head, h)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        want_t, want_lp = pick_tokens(logits, temps, top_ps, torch.Generator())
+        got_t, got_lp = greedy_pick(head, h, cap, chunk=64)
+        assert got_t == want_t and got_t[0] == 37
+        torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(want_lp), rtol=1e-5, atol=1e-5)

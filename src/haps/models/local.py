@@ -219,14 +219,14 @@ class LocalModel:
         t0 = time.perf_counter()
         steps = 0
         try:
-            logits, prefill_stats = self._prefill(engine, [e[1] for e in encoded], reqs, inj, stacked)
+            out, prefill_stats = self._prefill(engine, [e[1] for e in encoded], reqs, inj, stacked)
             t_prefill = time.perf_counter()
             while True:
                 live = [j for j, i in enumerate(rows) if i >= 0]
                 if len(live) == len(rows):
-                    tokens, lps = self._pick(logits, temps[rows], top_ps[rows], gen)
+                    tokens, lps = engine.pick(out, temps[rows], top_ps[rows], gen)
                 else:  # sample only live rows; idle rows feed their last token back
-                    lt, ll = self._pick(logits[live], temps[[rows[j] for j in live]],
+                    lt, ll = engine.pick(out[live], temps[[rows[j] for j in live]],
                                         top_ps[[rows[j] for j in live]], gen)
                     tokens = [out_ids[i][-1] if i >= 0 else out_ids[-i - 2][-1] for i in rows]
                     lps = [0.0] * len(rows)
@@ -262,7 +262,7 @@ class LocalModel:
                     step_tokens = step_tokens.index_select(0, keep)
                     if inj is not None and stacked is not None:
                         inj.select_rows(keep)
-                logits = engine.step(step_tokens)
+                out = engine.step(step_tokens)
                 steps += 1
         finally:
             if inj is not None:
@@ -296,7 +296,8 @@ class LocalModel:
 
     # ------------------------------------------------------------------ prefill: shared prefixes, ragged bodies
     def _prefill(self, engine, seqs: list[list[int]], reqs, inj, stacked) -> tuple[torch.Tensor, dict]:
-        """Prefill ``seqs`` (b rows) into ``engine``; returns the last-position logits (b, V) and stats.
+        """Prefill ``seqs`` (b rows) into ``engine``; returns the engine's last-position output (what
+        ``engine.pick`` takes: logits (b, V), or hidden states for `LeanDecode`) and stats.
 
         Plain prefill is one left-padded batch of width max(len). With ``share_prefix`` (and b > 1), three
         stages give the same keys, values and logits with less compute:
@@ -344,8 +345,12 @@ class LocalModel:
             computed += g.length
             for r in g.rows:
                 group_kv[r] = kv
-        keys: list[torch.Tensor] = []
-        values: list[torch.Tensor] = []
+        # the assembled cache: the engine's own static buffers where it has them (no second copy), else
+        # (b, h_kv, P, d) tensors that go to the engine as a DynamicCache
+        static = engine.open_cache(b, P, self.model.get_output_embeddings().weight) if hasattr(
+            engine, "open_cache") else None
+        keys: list[torch.Tensor] = static.keys if static is not None else []
+        values: list[torch.Tensor] = static.values if static is not None else []
 
         def place(r: int, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], j: int) -> None:
             """Row r's first len-1 positions are the last len-1 of ``layer_kv``'s row j: right-align them."""
@@ -354,8 +359,8 @@ class LocalModel:
                 keys.extend(k.new_zeros((b, k.shape[1], P, k.shape[3])) for k, _ in layer_kv)
                 values.extend(v.new_zeros((b, v.shape[1], P, v.shape[3])) for _, v in layer_kv)
             for layer, (k, v) in enumerate(layer_kv):
-                keys[layer][r, :, P - n:] = k[j, :, k.shape[2] - n:]
-                values[layer][r, :, P - n:] = v[j, :, v.shape[2] - n:]
+                keys[layer][r, :, P - n:P] = k[j, :, k.shape[2] - n:]
+                values[layer][r, :, P - n:P] = v[j, :, v.shape[2] - n:]
 
         for r in range(b):
             if body[r] == 0 and lengths[r] > 1:  # the prefix is all of the row but its last token
@@ -388,16 +393,19 @@ class LocalModel:
             for j, r in enumerate(rows):
                 place(r, layer_kv, j)
             del past, layer_kv
-        cache = DynamicCache()
-        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
-            cache.update(k, v, layer)
         last = torch.tensor([[s[-1]] for s in seqs], dtype=torch.long, device=self.device)  # (b, 1)
         mask = torch.zeros((b, P + 1), dtype=torch.long, device=self.device)
         for r, n in enumerate(lengths):
             mask[r, P + 1 - n:] = 1
         pos = torch.tensor([[n - 1] for n in lengths], dtype=torch.long, device=self.device)
-        logits = engine.prefill(last, mask, pos, past=cache)
-        return logits, {"prompt_len": plain_len, "prefill_tokens": computed + b, "prefix_groups": len(groups),
+        if static is not None:
+            out = engine.start(static, last[:, 0], mask, pos[:, 0])
+        else:
+            cache = DynamicCache()
+            for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+                cache.update(k, v, layer)
+            out = engine.prefill(last, mask, pos, past=cache)
+        return out, {"prompt_len": plain_len, "prefill_tokens": computed + b, "prefix_groups": len(groups),
                         "buckets": len(buckets)}
 
     def _prefix_groups(self, seqs: list[list[int]], reqs) -> list[PrefixGroup]:
@@ -431,29 +439,6 @@ class LocalModel:
         if not _full_layers(past, n_before + ids.shape[1]):
             return None
         return [(layer.keys, layer.values) for layer in past.layers]
-
-    @staticmethod
-    def _pick(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor,
-              gen: torch.Generator) -> tuple[list[int], list[float]]:
-        """Next token per row (greedy where temperature is 0) and its log-prob at temperature 1.
-
-        logits: (b, V); temps, top_ps: (b,).
-        """
-        logits = logits.float()
-        logz = torch.logsumexp(logits, dim=-1)  # (b,)
-        choice = logits.argmax(dim=-1)  # (b,)
-        sampled = (temps > 0).nonzero().flatten()
-        if sampled.numel():
-            sl = logits.index_select(0, sampled.to(logits.device)) / temps[sampled].to(logits.device)[:, None]
-            probs = torch.softmax(sl, dim=-1)  # (s, V)
-            sp, si = probs.sort(dim=-1, descending=True)
-            cum = sp.cumsum(-1)
-            drop = (cum - sp) > top_ps[sampled].to(logits.device)[:, None]  # keep the smallest nucleus
-            sp = sp.masked_fill(drop, 0.0)
-            k = torch.multinomial(sp.cpu(), 1, generator=gen).to(logits.device)  # (s, 1)
-            choice[sampled.to(logits.device)] = si.gather(1, k).squeeze(1)
-        lp = logits.gather(1, choice[:, None]).squeeze(1) - logz
-        return choice.tolist(), lp.tolist()
 
     # ------------------------------------------------------------------ scoring (teacher forcing)
     def score(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
