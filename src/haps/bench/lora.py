@@ -1,7 +1,7 @@
 """Decode throughput with per-request LoRA: our batched-matmul injection against the alternatives.
 
-For each model and batch size, in rounds (modes interleaved, best round kept, so that load from other
-processes hits every mode alike), it times the decode steps of `LocalModel.generate` (prefill
+For each model and batch size, in rounds (modes interleaved, in an order rotated every round, best
+round kept, so that load from other processes and drift hit every mode alike), it times the decode steps of `LocalModel.generate` (prefill
 excluded; every row generates exactly ``new_tokens`` tokens: EOS is disabled for the run) in modes:
 
 - ``base``: no adapter (the lean engine where the model family has one).
@@ -182,7 +182,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None,
             _run_mode(m, "base", 0, batch, cfg)
             for rnd in range(cfg.rounds):
                 gemm.append(sgemm_gflops(cfg.gemm_n))
-                for mode, k in plan:
+                for mode, k in plan[rnd % len(plan):] + plan[:rnd % len(plan)]:  # rotated: no mode always first
                     if progress:
                         progress(f"{name} b={batch} {mode}{f' k={k}' if k else ''} round {rnd + 1}/{cfg.rounds}")
                     rec = Record(model=name, batch=batch, mode=mode, layers=k, tokens_per_s=0.0,
