@@ -310,7 +310,8 @@ class LocalModel:
         3. last tokens: one token per row through the engine, over the assembled cache of width
            max(len) - 1 laid out as plain left padding (every row right-aligned), so that positions and
            sliding windows (applied by the masks: the caches are config-less, all layers full) see the
-           same keys as in plain prefill.
+           same keys as in plain prefill. With `LeanDecode` the cache is assembled in the engine's own
+           static buffers (`open_cache`) and the last tokens run as its first decode step (`start`).
         """
         b = len(seqs)
         lengths = [len(s) for s in seqs]
