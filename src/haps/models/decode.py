@@ -45,10 +45,13 @@ def head_logits(head: nn.Module, h: torch.Tensor, chunk: int = 4096) -> torch.Te
     are called as they are.
     """
     if type(head) is nn.Linear and head.bias is None and h.dim() == 2 and h.device.type == "cpu":
-        W, ht = head.weight, h.t()
-        out = h.new_empty((h.shape[0], W.shape[0]))
+        b = h.shape[0]
+        # one row: MKL's matrix-vector path streams a large weight slower than a 2-column product (SmolLM2's
+        # 49k x 576 head: 8.7 vs 5.9 ms), so the row is computed twice and one copy kept
+        W, ht = head.weight, (h.repeat(2, 1) if b == 1 else h).t()
+        out = h.new_empty((b, W.shape[0]))
         for i in range(0, W.shape[0], chunk):
-            out[:, i:i + chunk].copy_(torch.mm(W[i:i + chunk], ht).t())
+            out[:, i:i + chunk].copy_(torch.mm(W[i:i + chunk], ht)[:, :b].t())
         return out
     return head(h)
 
