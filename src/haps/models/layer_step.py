@@ -13,8 +13,8 @@ three differences that change no result beyond float rounding:
   ``pack_gqa`` for one-token queries) and calls SDPA once on the static cache's views.
 - no per-call keyword plumbing, output dataclasses or mask building.
 
-A layer with something these steps do not model (attention logit soft-capping) is not supported:
-`LeanDecode.supports` then keeps the generic engine.
+For a model with something these steps do not model (attention logit soft-capping, tensor-parallel
+pretraining slices), `step_supported` is False and `LeanDecode` calls each layer's own forward instead.
 """
 
 from __future__ import annotations
