@@ -154,9 +154,7 @@ def report_table(report: Mapping[str, Any], title: str = "evaluation by lookup")
 def write_report(report: Mapping[str, Any], path: str | Path) -> None:
     from haps.files import write_json_atomic
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(p, dict(report))
+    write_json_atomic(Path(path), dict(report))  # creates the parent folders
 
 
 def parse_policy_spec(spec: str) -> tuple[str, str]:

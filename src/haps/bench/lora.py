@@ -1,8 +1,9 @@
 """Decode throughput with per-request LoRA: our batched-matmul injection against the alternatives.
 
 For each model and batch size, in rounds (modes interleaved, in an order rotated every round, best
-round kept, so that load from other processes and drift hit every mode alike), it times the decode steps of `LocalModel.generate` (prefill
-excluded; every row generates exactly ``new_tokens`` tokens: EOS is disabled for the run) in modes:
+round kept, so that load from other processes and drift hit every mode alike), it times the decode
+steps of `LocalModel.generate` (prefill excluded; every row generates exactly ``new_tokens`` tokens:
+EOS is disabled for the run) in modes:
 
 - ``base``: no adapter (the lean engine where the model family has one).
 - ``base_hf``: no adapter, the reference transformers-forward engine (`decode_engine="hf"`).
@@ -38,12 +39,16 @@ PROMPTS = [
 ]
 
 
+# the modes a config may name (``base_bf16`` is added by ``dtype_batches``)
+MODES = ("base", "base_hf", "bmm", "loop", "peft")
+
+
 @dataclass
 class BenchConfig:
     models: list[str] = field(default_factory=lambda: ["smollm2-135m", "gemma3-270m"])
     batches: list[int] = field(default_factory=lambda: [1, 8, 32, 64])
     layers: list[int] = field(default_factory=lambda: [1, 2])
-    modes: list[str] = field(default_factory=lambda: ["base", "base_hf", "bmm", "loop", "peft"])
+    modes: list[str] = field(default_factory=lambda: list(MODES))
     new_tokens: int = 32
     rounds: int = 2
     rank: int = 8
@@ -265,7 +270,7 @@ def _run_mode(m, mode: str, k: int, batch: int, cfg: BenchConfig) -> tuple[list,
 
 
 def quick_config() -> BenchConfig:
-    return BenchConfig(models=["smollm2-135m"], batches=[1, 8], layers=[1], modes=["base", "base_hf", "bmm", "loop", "peft"],
+    return BenchConfig(models=["smollm2-135m"], batches=[1, 8], layers=[1], modes=list(MODES),
                        new_tokens=8, rounds=1, dtype_batches=[8], gemm_n=1024)
 
 

@@ -48,7 +48,7 @@ def bench_lora(
     dtype_batches: str = typer.Option(None, help="Comma-separated batches for the bf16 comparison ('' for none)."),
 ) -> None:
     """Decode tokens/s: no adapter vs per-request LoRA (batched matmul, row loop, PEFT), ratios to no adapter."""
-    from haps.bench.lora import BenchConfig, quick_config, run_bench
+    from haps.bench.lora import MODES, BenchConfig, quick_config, run_bench
 
     cfg = quick_config() if quick else BenchConfig()
     cfg.pool = pool
@@ -62,9 +62,9 @@ def bench_lora(
         cfg.batches = _csv(batches, int)
     if modes:
         cfg.modes = _csv(modes, str)
-        unknown = set(cfg.modes) - {"base", "base_hf", "bmm", "loop", "peft"}
+        unknown = set(cfg.modes) - set(MODES)
         if unknown:
-            raise typer.BadParameter(f"unknown modes {sorted(unknown)}; choose from base,base_hf,bmm,loop,peft.",
+            raise typer.BadParameter(f"unknown modes {sorted(unknown)}; choose from {','.join(MODES)}.",
                                      param_hint="--modes")
         if "base" not in cfg.modes:
             cfg.modes.insert(0, "base")  # every ratio is to base

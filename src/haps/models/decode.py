@@ -44,7 +44,7 @@ def head_logits(head: nn.Module, h: torch.Tensor, chunk: int = 4096) -> torch.Te
     b=16 from 93 to 68 ms and SmolLM2's 49k x 576 head at b=64 from 33 to 29 ms. Other heads and devices
     are called as they are.
     """
-    if type(head) is nn.Linear and head.bias is None and h.dim() == 2 and h.device.type == "cpu":
+    if _streamed_head(head, h):
         b = h.shape[0]
         # one row: MKL's matrix-vector path streams a large weight slower than a 2-column product (SmolLM2's
         # 49k x 576 head: 8.7 vs 5.9 ms), so the row is computed twice and one copy kept
@@ -54,6 +54,12 @@ def head_logits(head: nn.Module, h: torch.Tensor, chunk: int = 4096) -> torch.Te
             out[:, i:i + chunk].copy_(torch.mm(W[i:i + chunk], ht)[:, :b].t())
         return out
     return head(h)
+
+
+def _streamed_head(head: nn.Module, h: torch.Tensor) -> bool:
+    """Whether `head_logits` / `greedy_pick` compute ``head`` themselves: a plain bias-free ``nn.Linear`` on
+    CPU, hidden states (b, d)."""
+    return type(head) is nn.Linear and head.bias is None and h.dim() == 2 and h.device.type == "cpu"
 
 
 def pick_tokens(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor,
@@ -239,11 +245,7 @@ class LeanDecode:
             vb[:, :, L - n_i:L] = v
             keys.append(kb)
             values.append(vb)
-        self.cache = StaticKVCache(keys, values, L)
-        dtype = keys[0].dtype
-        self.pad_add = torch.zeros((b, S), dtype=dtype, device=ids.device)
-        self.pad_add[:, :L].masked_fill_(mask == 0, torch.finfo(dtype).min)
-        self.next_pos = pos[:, -1] + 1
+        self._arm(StaticKVCache(keys, values, L), mask, pos[:, -1] + 1)
         return last
 
     def open_cache(self, b: int, width: int, like: torch.Tensor) -> StaticKVCache:
@@ -263,12 +265,17 @@ class LeanDecode:
         """Prefill's last stage as a decode step: ``last`` (b,) tokens at positions ``pos`` (b,) after the
         ``cache.length`` positions filled in ``cache`` (from `open_cache`); ``mask`` (b, length + 1) marks real
         tokens (1), the new one included. Returns the final-normed hidden states (b, d) for the next token."""
+        self._arm(cache, mask, pos.clone())
+        return self.step(last)
+
+    def _arm(self, cache: StaticKVCache, mask: torch.Tensor, next_pos: torch.Tensor) -> None:
+        """Decode from ``cache`` next: the padding row of each sequence from ``mask`` (b, m), 1 = real token
+        at cache position < m (later positions are the ones decoding writes), and its next position (b,)."""
         self.cache = cache
         dtype = cache.keys[0].dtype
         self.pad_add = torch.zeros((mask.shape[0], cache.capacity), dtype=dtype, device=mask.device)
         self.pad_add[:, : mask.shape[1]].masked_fill_(mask == 0, torch.finfo(dtype).min)
-        self.next_pos = pos.clone()
-        return self.step(last)
+        self.next_pos = next_pos
 
     def _masks(self, n: int) -> dict[str, torch.Tensor]:
         """Additive masks (b, 1, 1, n) for a query at cache index n-1, per attention type."""
@@ -307,8 +314,7 @@ class LeanDecode:
         """Next tokens from final-normed hidden states (b, d): `greedy_pick` when every row is greedy and there
         are enough rows (CPU, plain bias-free head), else `pick_tokens` on the full logits."""
         head = self.model.get_output_embeddings()
-        if (hidden.shape[0] >= GREEDY_PICK_MIN_ROWS and bool((temps <= 0).all()) and type(head) is nn.Linear
-                and head.bias is None and hidden.device.type == "cpu"):
+        if hidden.shape[0] >= GREEDY_PICK_MIN_ROWS and bool((temps <= 0).all()) and _streamed_head(head, hidden):
             return greedy_pick(head, hidden, self.softcap)
         return pick_tokens(self.logits(hidden), temps, top_ps, gen)
 
