@@ -348,7 +348,7 @@ def test_head_logits_equals_the_linear_head():
 
     torch.manual_seed(0)
     head = nn.Linear(24, 300, bias=False)
-    for b in (1, 2, 7):
+    for b in (1, 2, 7, 13):  # 1, 7 and 13 are padded to 2, 8 and 16 columns
         h = torch.randn(b, 24)
         out = head_logits(head, h)
         assert out.shape == (b, 300) and out.is_contiguous()
@@ -374,9 +374,9 @@ def test_greedy_pick_equals_full_logits_pick():
         head.weight[37] *= 0.0
         head.weight[37] += 3.0  # large logits for rows with positive sums
         head.weight[900] = head.weight[37]
-    h = torch.randn(7, 16)
+    h = torch.randn(11, 16)  # padded to 16 columns
     h[0] = 1.0  # row 0's maximum is the tied pair: argmax must say 37
-    temps, top_ps = torch.zeros(7), torch.ones(7)
+    temps, top_ps = torch.zeros(11), torch.ones(11)
     for cap in (None, 5.0):
         logits = head_logits(head, h)
         if cap:
@@ -385,3 +385,32 @@ def test_greedy_pick_equals_full_logits_pick():
         got_t, got_lp = greedy_pick(head, h, cap, chunk=64)
         assert got_t == want_t and got_t[0] == 37
         torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(want_lp), rtol=1e-5, atol=1e-5)
+
+
+def test_fill_holes_keeps_live_rows_and_moves_only_from_the_end():
+    from haps.models.local import _fill_holes
+
+    rows = [0, -3, 2, 3, -6, 5, 6, -9]  # slots 1, 4 and 7 finished
+    keep = _fill_holes(rows)
+    assert keep == [0, 5, 2, 3, 6]
+    assert sorted(rows[j] for j in keep) == [0, 2, 3, 5, 6]
+    assert all(src >= j for j, src in enumerate(keep))
+    assert _fill_holes([0, 1, 2]) == [0, 1, 2] and _fill_holes([-2, -3]) == []
+
+
+@pytest.mark.parametrize("keep", [[0, 6, 2, 3, 5], [0, 1, 2], [3, 1, 0]])
+def test_static_cache_select_rows_equals_a_gather(keep):
+    """In-place moves (every keep[j] >= j) and the gathering fallback give the rows asked for, filled part only."""
+    from haps.models.decode import StaticKVCache
+
+    torch.manual_seed(0)
+    keys = [torch.randn(7, 2, 10, 3) for _ in range(2)]
+    values = [torch.randn(7, 2, 10, 3) for _ in range(2)]
+    want_k = [k[keep, :, :6].clone() for k in keys]
+    want_v = [v[keep, :, :6].clone() for v in values]
+    cache = StaticKVCache([k.clone() for k in keys], [v.clone() for v in values], length=6)
+    cache.select_rows(torch.tensor(keep))
+    for layer in range(2):
+        assert cache.keys[layer].shape == (len(keep), 2, 10, 3)
+        assert torch.equal(cache.keys[layer][:, :, :6], want_k[layer])
+        assert torch.equal(cache.values[layer][:, :, :6], want_v[layer])

@@ -23,10 +23,13 @@ model, through the layer's own forward. It supports the families whose layer sig
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from haps.models.layer_step import LAYER_STEPS, step_supported
+from haps.models.attention import SharedPrefix, StepMask
+from haps.models.layer_step import LAYER_STEPS, pad_rows, step_supported
 
 # model_type -> how the rotary embedding is called: "plain" rotary_emb(x, pos) or "per_type"
 # rotary_emb(x, pos, layer_type) (one (cos, sin) per attention type, e.g. Gemma 3 local/global).
@@ -46,14 +49,17 @@ def head_logits(head: nn.Module, h: torch.Tensor, chunk: int = 4096) -> torch.Te
     """
     if _streamed_head(head, h):
         b = h.shape[0]
-        # one row: MKL's matrix-vector path streams a large weight slower than a 2-column product (SmolLM2's
-        # 49k x 576 head: 8.7 vs 5.9 ms), so the row is computed twice and one copy kept
-        W, ht = head.weight, (h.repeat(2, 1) if b == 1 else h).t()
+        W, ht = head.weight, pad_rows(h, HEAD_MIN_ROWS).t()
         out = h.new_empty((b, W.shape[0]))
         for i in range(0, W.shape[0], chunk):
             out[:, i:i + chunk].copy_(torch.mm(W[i:i + chunk], ht)[:, :b].t())
         return out
     return head(h)
+
+
+# one row: MKL's matrix-vector path streams a large weight slower than a 2-column product (SmolLM2's 49k x 576
+# head: 8.7 vs 5.9 ms; Gemma 3's 262k x 640: 46 vs 30 ms), so a lone row is computed as two columns
+HEAD_MIN_ROWS = 2
 
 
 def _streamed_head(head: nn.Module, h: torch.Tensor) -> bool:
@@ -98,11 +104,12 @@ def greedy_pick(head: nn.Linear, h: torch.Tensor, softcap: float | None = None,
     of equal maxima, as ``argmax``) is the same token; the log-prob differs from ``logsumexp`` over the
     whole row only by float rounding.
     """
-    W, ht = head.weight, h.t()
     b = h.shape[0]
-    best = h.new_full((b,), float("-inf"), dtype=torch.float32)
-    arg = torch.zeros(b, dtype=torch.long, device=h.device)
-    total = h.new_zeros((b,), dtype=torch.float32)  # sum of exp(logit - best)
+    W, ht = head.weight, pad_rows(h, HEAD_MIN_ROWS).t()  # (d, m): m >= b, zero columns past b
+    m_rows = ht.shape[1]
+    best = h.new_full((m_rows,), float("-inf"), dtype=torch.float32)
+    arg = torch.zeros(m_rows, dtype=torch.long, device=h.device)
+    total = h.new_zeros((m_rows,), dtype=torch.float32)  # sum of exp(logit - best)
     for i in range(0, W.shape[0], chunk):
         z = torch.mm(W[i:i + chunk], ht)  # (c, b), soft-capped in the model's dtype as `LeanDecode` does
         if softcap:
@@ -113,19 +120,22 @@ def greedy_pick(head: nn.Linear, h: torch.Tensor, softcap: float | None = None,
         total = total * torch.exp(best - top) + torch.exp(z - top).sum(dim=0)
         arg = torch.where(m > best, a + i, arg)  # strictly greater: an earlier slice wins ties
         best = top
-    lp = -torch.log(total)  # best - (best + log total)
-    return arg.tolist(), lp.tolist()
+    lp = -torch.log(total[:b])  # best - (best + log total)
+    return arg[:b].tolist(), lp.tolist()
 
 
-def _module_step(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+def _module_step(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: StepMask,
                  cache, layer_idx: int) -> torch.Tensor:
-    """One token through the layer module's own forward (for layers `haps.models.layer_step` does not model)."""
-    return layer(h[:, None], attention_mask=mask, position_embeddings=(cos[:, None], sin[:, None]),
+    """One token through the layer module's own forward (for layers `haps.models.layer_step` does not model):
+    it attends over every cache position, so ``mask.rows`` covers them all and there are no shared prefixes."""
+    return layer(h[:, None], attention_mask=mask.rows, position_embeddings=(cos[:, None], sin[:, None]),
                  past_key_values=cache)[:, 0]
 
 
 class HFDecode:
     """Reference engine: the model's forward and a transformers DynamicCache, every step."""
+
+    compacts_in_place = False  # select_rows copies the whole cache
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -162,15 +172,18 @@ class HFDecode:
 
 
 class StaticKVCache:
-    """Per-layer K and V buffers of shape (b, h_kv, S, d), filled up to ``length`` positions.
+    """Per-layer K and V buffers of shape (b, h_kv, S, d), filled up to ``length`` positions, plus prefixes
+    shared by groups of rows (`SharedPrefix`, stored once) that come before those positions.
 
     Implements the one cache call transformers attention layers make, ``update(k, v, layer_idx)``:
     it writes the T new positions at ``length`` and returns views of positions ``[0, length + T)``.
     `advance(T)` moves ``length`` once all layers have written their T positions.
     """
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> None:
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int,
+                 shared: list[SharedPrefix] | None = None) -> None:
         self.keys, self.values, self.length = keys, values, length
+        self.shared: list[SharedPrefix] = shared or []
 
     @property
     def capacity(self) -> int:
@@ -187,12 +200,29 @@ class StaticKVCache:
         self.length += T
 
     def select_rows(self, keep: torch.Tensor) -> None:
-        n = self.length
+        """Row j becomes old row ``keep[j]``. When every ``keep[j] >= j`` (finished rows replaced by live rows
+        from the end, as the decode loop does), rows move within the buffers: only moved rows are copied, and
+        only their filled positions. Any other order is gathered into new buffers."""
+        n, order = self.length, keep.tolist()
+        in_place = all(src >= j for j, src in enumerate(order))
         for store in (self.keys, self.values):
             for i, buf in enumerate(store):
-                new = buf.new_zeros((keep.numel(), *buf.shape[1:]))
-                new[:, :, :n] = buf[:, :, :n].index_select(0, keep)
-                store[i] = new
+                if in_place:  # safe in this order: a source row keep[j] >= j is never an earlier destination
+                    for j, src in enumerate(order):
+                        if src != j:
+                            buf[j, :, :n].copy_(buf[src, :, :n])
+                    store[i] = buf[: len(order)]
+                else:
+                    new = buf.new_zeros((len(order), *buf.shape[1:]))
+                    new[:, :, :n] = buf[:, :, :n].index_select(0, keep)
+                    store[i] = new
+        new_row = {src: j for j, src in enumerate(order)}
+        shared = []
+        for p in self.shared:
+            rows = [new_row[r] for r in p.rows.tolist() if r in new_row]
+            if rows:
+                shared.append(dataclasses.replace(p, rows=torch.tensor(rows, device=p.rows.device)))
+        self.shared = shared
 
 
 class LeanDecode:
@@ -204,13 +234,18 @@ class LeanDecode:
     positions older than the window are masked rather than dropped.
     """
 
+    # finished rows leave the batch cheaply (`StaticKVCache.select_rows` moves only the rows that fill holes)
+    compacts_in_place = True
+
     def __init__(self, model: nn.Module, max_new_tokens: int) -> None:
         self.model = model
         self.cfg = model.config
         self.decoder = model.get_decoder()
         self.layers = list(self.decoder.layers[: self.cfg.num_hidden_layers])
         self.rope_kind = LEAN_FAMILIES[self.cfg.model_type]
-        self.layer_step = LAYER_STEPS[self.cfg.model_type] if step_supported(model) else _module_step
+        # own layer steps read only the positions a sliding window sees and take shared prefixes
+        self.own_steps = step_supported(model)
+        self.layer_step = LAYER_STEPS[self.cfg.model_type] if self.own_steps else _module_step
         self.layer_types = list(getattr(self.cfg, "layer_types", None) or ["full_attention"] * len(self.layers))
         self.window = getattr(self.cfg, "sliding_window", None)
         self.softcap = getattr(self.cfg, "final_logit_softcapping", None)
@@ -277,17 +312,49 @@ class LeanDecode:
         self.pad_add[:, : mask.shape[1]].masked_fill_(mask == 0, torch.finfo(dtype).min)
         self.next_pos = next_pos
 
-    def _masks(self, n: int) -> dict[str, torch.Tensor]:
-        """Additive masks (b, 1, 1, n) for a query at cache index n-1, per attention type."""
+    @property
+    def shares_prefixes(self) -> bool:
+        """Whether a cache from `open_cache` may hold shared prefixes (`StaticKVCache.shared`)."""
+        return self.own_steps
+
+    def _masks(self, n: int) -> dict[str, StepMask]:
+        """Per attention type, the masks of a step whose query sits at cache index n-1 (`StepMask`).
+
+        Full attention reads all n own positions and every shared prefix. A sliding window of w reads the
+        last w own positions (rows are right-aligned, so that is the same slice for every row), and of a
+        shared prefix only the keys some row of its group still sees, masking the rest per row. The
+        layer-module fallback reads every position, older ones masked.
+        """
         full = self.pad_add[:, None, None, :n]
-        out = {"full_attention": full}
+        shared = [(p, 0, None) for p in self.cache.shared]
+        out = {"full_attention": StepMask(full, shared)}
         if "sliding_attention" in self.layer_types:
-            if self.window is not None and n > self.window:
-                sl = full.clone()
-                sl[..., : n - self.window] = torch.finfo(sl.dtype).min  # keep q_idx - kv_idx < window
-                out["sliding_attention"] = sl
+            w = self.window
+            if w is None or (n <= w and all(p.length + n <= w for p in self.cache.shared)):
+                out["sliding_attention"] = out["full_attention"]
+            elif self.own_steps:
+                out["sliding_attention"] = StepMask(full[..., max(0, n - w):], self._window_shared(w))
             else:
-                out["sliding_attention"] = full
+                sl = full.clone()
+                sl[..., : n - w] = torch.finfo(sl.dtype).min  # keep q_idx - kv_idx < window
+                out["sliding_attention"] = StepMask(sl)
+        return out
+
+    def _window_shared(self, w: int) -> list[tuple[SharedPrefix, int, torch.Tensor | None]]:
+        """The shared-prefix keys a sliding window of w still shows: absolute positions > pos - w."""
+        out = []
+        for p in self.cache.shared:
+            first = self.next_pos.index_select(0, p.rows) - (w - 1)  # (n_g,): first visible position
+            lo = max(0, int(first.min()))
+            if lo >= p.length:
+                continue  # out of every row's window
+            hidden = torch.arange(lo, p.length, device=first.device)[None, :] < first[:, None]  # (n_g, L - lo)
+            mask = None
+            if bool(hidden.any()):
+                dtype = p.keys[0].dtype
+                mask = torch.zeros(hidden.shape, dtype=dtype, device=first.device).masked_fill_(
+                    hidden, torch.finfo(dtype).min)[:, None, None, :]
+            out.append((p, lo, mask))
         return out
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from torch import nn
 
 from haps.config import LoraTarget, ModelSpec
 from haps.errors import ConfigError, ModelLoadError
+from haps.models.attention import SharedPrefix
 from haps.models.lora import LoRAInjector
 from haps.models.prefix import PrefixGroup, plan_length_buckets, plan_prefix_groups
 from haps.models.sources import resolve
@@ -211,11 +212,13 @@ class LocalModel:
         out_ids: list[list[int]] = [[] for _ in range(b)]
         out_lp: list[list[float]] = [[] for _ in range(b)]
         finish: list[str | None] = [None] * b
-        # batch row -> request index, or -1 for a finished row still in the batch. Finished rows leave the
-        # batch (cache, positions and adapters compacted) once they are an eighth of it: compaction copies
-        # the KV cache, so doing it at every finish costs more than carrying a few idle rows.
+        # batch row -> request index, or -req-2 for a finished row still in the batch. Finished rows leave
+        # the batch (cache, positions and adapters compacted): at once where the engine compacts in place
+        # (it copies only the live rows that move into the holes), else once they are an eighth of it (a
+        # full cache copy costs more than carrying a few idle rows).
         rows = list(range(b))
         engine = self._engine(max(max_new))
+        eager_compaction = getattr(engine, "compacts_in_place", False)
         t0 = time.perf_counter()
         steps = 0
         try:
@@ -254,8 +257,8 @@ class LocalModel:
                     break
                 step_tokens = torch.tensor(tokens, dtype=torch.long, device=self.device)  # (b',)
                 n_idle = len(rows) - n_live
-                if n_idle and n_idle * 8 >= len(rows):  # compact: finished rows leave the batch
-                    keep_l = [j for j, i in enumerate(rows) if i >= 0]
+                if n_idle and (eager_compaction or n_idle * 8 >= len(rows)):  # finished rows leave the batch
+                    keep_l = _fill_holes(rows)
                     keep = torch.tensor(keep_l, device=self.device)
                     rows = [rows[j] for j in keep_l]
                     engine.select_rows(keep)
@@ -347,24 +350,35 @@ class LocalModel:
             for r in g.rows:
                 group_kv[r] = kv
         # the assembled cache: the engine's own static buffers where it has them (no second copy), else
-        # (b, h_kv, P, d) tensors that go to the engine as a DynamicCache
-        static = engine.open_cache(b, P, self.model.get_output_embeddings().weight) if hasattr(
+        # (b, h_kv, P, d) tensors that go to the engine as a DynamicCache. An engine that takes shared
+        # prefixes keeps each group's prefix once (the batch-1 keys/values above); its row buffers then
+        # hold only each row's positions after its prefix, ``skip[r]`` of them left out.
+        shares = bool(groups) and getattr(engine, "shares_prefixes", False)
+        skip = covered if shares else [0] * b
+        width = max(lengths[r] - 1 - skip[r] for r in range(b)) if shares else P
+        static = engine.open_cache(b, width, self.model.get_output_embeddings().weight) if hasattr(
             engine, "open_cache") else None
         keys: list[torch.Tensor] = static.keys if static is not None else []
         values: list[torch.Tensor] = static.values if static is not None else []
+        if shares:
+            static.shared = [SharedPrefix(rows=torch.tensor(g.rows, device=self.device),
+                                          keys=[k for k, _ in group_kv[g.rows[0]]],
+                                          values=[v for _, v in group_kv[g.rows[0]]]) for g in groups]
 
         def place(r: int, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], j: int) -> None:
-            """Row r's first len-1 positions are the last len-1 of ``layer_kv``'s row j: right-align them."""
-            n = lengths[r] - 1
+            """Row r's positions skip[r]..len-2 are the last ones of ``layer_kv``'s row j: right-align them."""
+            n = lengths[r] - 1 - skip[r]
             if not keys:
                 keys.extend(k.new_zeros((b, k.shape[1], P, k.shape[3])) for k, _ in layer_kv)
                 values.extend(v.new_zeros((b, v.shape[1], P, v.shape[3])) for _, v in layer_kv)
+            if n == 0:
+                return
             for layer, (k, v) in enumerate(layer_kv):
-                keys[layer][r, :, P - n:P] = k[j, :, k.shape[2] - n:]
-                values[layer][r, :, P - n:P] = v[j, :, v.shape[2] - n:]
+                keys[layer][r, :, width - n:width] = k[j, :, k.shape[2] - n:]
+                values[layer][r, :, width - n:width] = v[j, :, v.shape[2] - n:]
 
         for r in range(b):
-            if body[r] == 0 and lengths[r] > 1:  # the prefix is all of the row but its last token
+            if body[r] == 0 and lengths[r] > 1 and not shares:  # the prefix is all of the row but its last token
                 place(r, group_kv[r], 0)
         for rows in buckets:
             T = max(body[r] for r in rows)
@@ -395,9 +409,9 @@ class LocalModel:
                 place(r, layer_kv, j)
             del past, layer_kv
         last = torch.tensor([[s[-1]] for s in seqs], dtype=torch.long, device=self.device)  # (b, 1)
-        mask = torch.zeros((b, P + 1), dtype=torch.long, device=self.device)
+        mask = torch.zeros((b, width + 1), dtype=torch.long, device=self.device)
         for r, n in enumerate(lengths):
-            mask[r, P + 1 - n:] = 1
+            mask[r, width + 1 - (n - skip[r]):] = 1
         pos = torch.tensor([[n - 1] for n in lengths], dtype=torch.long, device=self.device)
         if static is not None:
             out = engine.start(static, last[:, 0], mask, pos[:, 0])
@@ -496,6 +510,15 @@ class LocalModel:
         ])  # (N,)
         out = hidden.new_zeros(len(seqs))
         return out.index_add(0, torch.tensor(rows, device=h.device), token_lp)
+
+
+def _fill_holes(rows: list[int]) -> list[int]:
+    """Batch rows to keep, in their new order: the m live rows (``rows[j] >= 0``) in slots 0..m-1, where each
+    finished row below m is replaced by a live row from the end. Every ``keep[j] >= j``, so caches can move
+    the few replacing rows in place instead of copying the batch."""
+    m = sum(1 for i in rows if i >= 0)
+    donors = iter(j for j in range(m, len(rows)) if rows[j] >= 0)
+    return [j if rows[j] >= 0 else next(donors) for j in range(m)]
 
 
 def _full_layers(cache, n: int) -> bool:
