@@ -28,7 +28,6 @@ from torch import nn
 from haps.models.attention import StepMask, attend
 from haps.models.lora import PerRequestLoRALinear
 
-
 # Row counts up to 16 and what to pad them to (see `gemm_rows`).
 _SMALL_GEMM_ROWS = (0, 1, 2, 4, 4, 5, 6, 8, 8) + (16,) * 8
 
