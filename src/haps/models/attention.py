@@ -10,6 +10,10 @@ shared-prefix "cascade" of Hydragen and FlashInfer):
 - shared keys: the group's queries as one block (1, h_kv, n_g * g, hd) over the single prefix copy
   (1, h_kv, L, hd): a read of L keys per group and step instead of per row, and a matmul-shaped problem.
 
+A prefill block (T tokens per row, `BlockPlan`, `attend_block`) works the same way: the block's tokens
+over themselves (causal), and each group's (n_g * g * T) queries over the prefix copy, so prefilling the
+rows' bodies never copies the prefix into each row either.
+
 Softmax over the union of both key sets is ``w * out_own + (1 - w) * out_shared`` with
 ``w = sigmoid(lse_own - lse_shared)``: the same attention up to float rounding. A row belongs to at most
 one group.
@@ -47,6 +51,28 @@ class StepMask:
 
     rows: torch.Tensor
     shared: list[tuple[SharedPrefix, int, torch.Tensor | None]] = field(default_factory=list)
+    tokens = 1  # new tokens per row
+
+
+@dataclass
+class BlockPlan:
+    """Attention of one prefill block: T new tokens for each of n rows of a static cache (left-padded).
+
+    ``rows`` (n,): the cache rows; the tokens' keys/values go to cache positions [start, start + T) (rows are
+    right-aligned, so the same columns for every row). ``own``: (n, 1, T, T) additive mask of the block's
+    tokens over themselves (causal, padding, sliding window). ``shared``: per shared prefix that some of the
+    rows follow, (prefix, idx, lo, mask): those rows' block indices idx (n_g,), the prefix keys [lo, L) they
+    read, and a mask (n_g, 1, T, L - lo) or None when every token sees them all.
+    """
+
+    rows: torch.Tensor
+    start: int
+    own: torch.Tensor
+    shared: list[tuple[SharedPrefix, torch.Tensor, int, torch.Tensor | None]] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return self.own.shape[-1]
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -55,9 +81,12 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     broadcastable to (B, h, Lq, Lk) -> out (B, h, Lq, d), lse (B, h, Lq).
 
     On CPU this is the flash kernel that ``F.scaled_dot_product_attention`` itself runs there (it also
-    returns the log-sum-exp); elsewhere, or where torch lacks that kernel, explicit matmuls.
+    returns the log-sum-exp); elsewhere, or where torch lacks that kernel, explicit matmuls. The kernel reads
+    each vector as contiguous (``F.scaled_dot_product_attention`` checks that before calling it; here it is
+    made so): a q whose last dimension has another stride gives wrong results, not an error.
     """
     if q.device.type == "cpu" and _CPU_FLASH is not None and q.dtype == k.dtype:
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         out, lse = _CPU_FLASH(q, k, v, attn_mask=mask, scale=scale)
         return out, lse
     return attention_with_lse_reference(q, k, v, mask, scale)
@@ -101,3 +130,36 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Step
         w = torch.sigmoid(lse.index_select(0, rows) - l_p)[..., None].to(out.dtype)  # weight of the own keys
         out.index_copy_(0, rows, out.index_select(0, rows) * w + o_p * (1 - w))
     return out
+
+
+def attend_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, cache, layer_idx: int,
+                 scale: float) -> torch.Tensor:
+    """One prefill block: q (n * T, H, hd), k and v (n * T, h_kv, hd), token-major per row -> (n * T, H * hd).
+
+    Writes k and v to the cache (``cache.write_rows``), attends each token over the block's own tokens and
+    over its row's shared prefix (one query block per prefix and key/value head over the single copy), and
+    merges the two by their log-sum-exps, as `attend` does for a step.
+    """
+    n, T = plan.rows.numel(), plan.tokens
+    _, H, hd = q.shape
+    h_kv = k.shape[1]
+    g = H // h_kv
+    q = q.reshape(n, T, H, hd).transpose(1, 2)  # (n, H, T, hd)
+    k = k.reshape(n, T, h_kv, hd).transpose(1, 2)  # (n, h_kv, T, hd)
+    v = v.reshape(n, T, h_kv, hd).transpose(1, 2)
+    cache.write_rows(plan.rows, plan.start, k, v, layer_idx)
+    k_own, v_own = (k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)) if g > 1 else (k, v)
+    out, lse = attention_with_lse(q, k_own, v_own, plan.own, scale)  # (n, H, T, hd), (n, H, T)
+    for prefix, idx, lo, pmask in plan.shared:
+        n_g = idx.numel()
+        block = q.index_select(0, idx).reshape(n_g, h_kv, g, T, hd).permute(1, 0, 2, 3, 4)
+        block = block.reshape(1, h_kv, n_g * g * T, hd)  # query (row i, head j, token t) -> (i * g + j) * T + t
+        if pmask is not None:  # (n_g, 1, T, L') -> one mask row per query of the block
+            pmask = pmask.expand(n_g, g, T, pmask.shape[-1]).reshape(1, 1, n_g * g * T, -1)
+        o_p, l_p = attention_with_lse(block, prefix.keys[layer_idx][:, :, lo:], prefix.values[layer_idx][:, :, lo:],
+                                      pmask, scale)
+        o_p = o_p.reshape(h_kv, n_g, g, T, hd).permute(1, 0, 2, 3, 4).reshape(n_g, H, T, hd)
+        l_p = l_p.reshape(h_kv, n_g, g, T).permute(1, 0, 2, 3).reshape(n_g, H, T)
+        w = torch.sigmoid(lse.index_select(0, idx) - l_p)[..., None].to(out.dtype)  # weight of the own keys
+        out.index_copy_(0, idx, out.index_select(0, idx) * w + o_p * (1 - w))
+    return out.transpose(1, 2).reshape(n * T, H * hd)

@@ -28,7 +28,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from haps.models.attention import SharedPrefix, StepMask
+from haps.models.attention import BlockPlan, SharedPrefix, StepMask
 from haps.models.layer_step import LAYER_STEPS, pad_rows, step_supported
 
 # model_type -> how the rotary embedding is called: "plain" rotary_emb(x, pos) or "per_type"
@@ -199,6 +199,12 @@ class StaticKVCache:
     def advance(self, T: int) -> None:
         self.length += T
 
+    def write_rows(self, rows: torch.Tensor, start: int, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> None:
+        """Writes k, v: (n, h_kv, T, d) to rows ``rows`` (n,), positions [start, start + T) (a prefill block)."""
+        T = k.shape[2]
+        self.keys[layer_idx][:, :, start:start + T].index_copy_(0, rows, k)
+        self.values[layer_idx][:, :, start:start + T].index_copy_(0, rows, v)
+
     def select_rows(self, keep: torch.Tensor) -> None:
         """Row j becomes old row ``keep[j]``. When every ``keep[j] >= j`` (finished rows replaced by live rows
         from the end, as the decode loop does), rows move within the buffers: only moved rows are copied, and
@@ -295,6 +301,66 @@ class LeanDecode:
         keys = [like.new_zeros(shape) for _ in self.layers]
         values = [like.new_zeros(shape) for _ in self.layers]
         return StaticKVCache(keys, values, width)
+
+    def prefill_block(self, cache: StaticKVCache, rows: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor,
+                      pos: torch.Tensor, start: int) -> None:
+        """Runs a block of T tokens for each of ``cache`` rows ``rows`` (n,) and writes their keys/values at cache
+        positions [start, start + T): ids, pos (n, T), left-padded where ``valid`` (n, T, bool) is False. Each
+        token attends over its row's shared prefix (``cache.shared``) and the block's earlier tokens, so a
+        block never copies a prefix. The LoRA wrappers must hold the n rows' adapters. Needs `shares_prefixes`.
+        """
+        n, T = ids.shape
+        h = self.decoder.embed_tokens(ids)  # (n, T, d)
+        plans = self._block_plans(cache, rows, valid, pos, start)
+        if self.rope_kind == "plain":
+            pe = self.decoder.rotary_emb(h, pos)
+            pes = {t: pe for t in set(self.layer_types)}
+        else:
+            pes = {t: self.decoder.rotary_emb(h, pos, t) for t in set(self.layer_types)}
+        h = h.reshape(n * T, -1)
+        for li, (layer, lt) in enumerate(zip(self.layers, self.layer_types, strict=True)):
+            cos, sin = pes[lt]
+            h = self.layer_step(layer, h, cos.reshape(n * T, -1), sin.reshape(n * T, -1), plans[lt], cache, li)
+
+    def _block_plans(self, cache: StaticKVCache, rows: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor,
+                     start: int) -> dict[str, BlockPlan]:
+        """Per attention type, the `BlockPlan` of a prefill block (see `prefill_block`)."""
+        n, T = valid.shape
+        dtype = cache.keys[0].dtype
+        lowest = torch.finfo(dtype).min
+        causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
+        seen = causal[None] & valid[:, None, :]  # (n, T, T): query t sees key s
+        seen |= torch.eye(T, dtype=torch.bool, device=valid.device)[None]  # padding queries see themselves
+        # real tokens' positions; a padding slot borrows its row's first real position (never lowers a window)
+        first_real = torch.where(valid, pos, pos.new_full(pos.shape, 2**62)).amin(dim=1, keepdim=True)
+        qpos = torch.where(valid, pos, first_real)  # (n, T)
+        members = {r: i for i, r in enumerate(rows.tolist())}
+        out = {}
+        for t in set(self.layer_types):
+            w = self.window if t == "sliding_attention" else None
+            sees = seen if w is None else seen & ((qpos[:, :, None] - qpos[:, None, :]) < w)
+            own = torch.zeros((n, 1, T, T), dtype=dtype, device=valid.device).masked_fill_(~sees[:, None], lowest)
+            shared = []
+            for p in cache.shared:
+                idx = [members[r] for r in p.rows.tolist() if r in members]
+                if not idx:
+                    continue
+                idx_t = torch.tensor(idx, device=valid.device)
+                if w is None:
+                    shared.append((p, idx_t, 0, None))
+                    continue
+                first = qpos.index_select(0, idx_t) - (w - 1)  # (n_g, T): first visible prefix position
+                lo = max(0, int(first.min()))
+                if lo >= p.length:
+                    continue
+                hidden = torch.arange(lo, p.length, device=valid.device)[None, None, :] < first[:, :, None]
+                mask = None
+                if bool(hidden.any()):
+                    mask = torch.zeros(hidden.shape, dtype=dtype, device=valid.device).masked_fill_(
+                        hidden, lowest)[:, None]  # (n_g, 1, T, L - lo)
+                shared.append((p, idx_t, lo, mask))
+            out[t] = BlockPlan(rows=rows, start=start, own=own, shared=shared)
+        return out
 
     def start(self, cache: StaticKVCache, last: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Prefill's last stage as a decode step: ``last`` (b,) tokens at positions ``pos`` (b,) after the

@@ -1,20 +1,24 @@
-"""One decode step of one decoder layer, for the families `LeanDecode` knows (Llama, Gemma 3).
+"""Decoder layers on token rows, for the families `LeanDecode` knows (Llama, Gemma 3): one decode step, or
+one prefill block of T tokens per row.
 
-A decode step has one new token per row, so every projection is a skinny ``(b, d_in) -> (b, d_out)``
-matmul. These functions run the layer's own submodules (norms, activations, the LoRA wrappers'
-adapters) on 2-D ``(b, d)`` hidden states, in the same order as the transformers layer code, with
-three differences that change no result beyond float rounding:
+The hidden states are 2-D ``(N, d)`` token rows (N = b rows for a step; n * T, token-major per sequence,
+for a block), so every per-token op (norms, projections, rotary, MLP) runs once over all of them; only
+attention sees the sequence structure, through its plan (`haps.models.attention.StepMask` or
+`BlockPlan`). These functions run the layer's own submodules (norms, activations, the LoRA wrappers'
+adapters) in the same order as the transformers layer code, with differences that change no result
+beyond float rounding:
 
-- `project` computes a bias-free CPU ``nn.Linear`` as ``W @ x^T`` (the weight as MKL's streamed left
-  operand) instead of ``x @ W^T`` (packed transposed right operand on every call). Measured on this
-  project's 2-core AVX2 machine for a whole layer's projections: 153 vs 125 GFLOP/s at b=64 (SmolLM2
-  shapes), 107 vs 72 at b=16 and 52 vs 22 at b=4 (Gemma 3 shapes).
-- attention packs the query heads of a key/value group as that group's queries (transformers'
-  ``pack_gqa`` for one-token queries) and calls SDPA once on the static cache's views, reading only the
-  positions a sliding window can see, plus any shared prefix (`haps.models.attention.attend`).
+- `project` computes a bias-free CPU ``nn.Linear`` of a few rows as ``W @ x^T`` (the weight as MKL's
+  streamed left operand) instead of ``x @ W^T`` (packed transposed right operand on every call). Measured
+  on this project's 2-core AVX2 machine for a whole layer's projections: 153 vs 125 GFLOP/s at b=64
+  (SmolLM2 shapes), 107 vs 72 at b=16 and 52 vs 22 at b=4 (Gemma 3 shapes).
+- a step packs the query heads of a key/value group as that group's queries (transformers' ``pack_gqa``
+  for one-token queries) and calls SDPA once on the static cache's views, reading only the positions a
+  sliding window can see, plus any shared prefix (`haps.models.attention.attend`); a block attends over
+  its own tokens and its rows' shared prefixes (`haps.models.attention.attend_block`).
 - no per-call keyword plumbing, output dataclasses or mask building.
 
-For a model with something these steps do not model (attention logit soft-capping, tensor-parallel
+For a model with something these functions do not model (attention logit soft-capping, tensor-parallel
 pretraining slices), `step_supported` is False and `LeanDecode` calls each layer's own forward instead.
 """
 
@@ -23,9 +27,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from haps.models.attention import StepMask, attend
+from haps.models.attention import BlockPlan, StepMask, attend, attend_block
 from haps.models.lora import PerRequestLoRALinear
 
 # Row counts up to 16 and what to pad them to (see `gemm_rows`).
@@ -54,21 +59,30 @@ def pad_rows(x: torch.Tensor, min_rows: int = 1) -> torch.Tensor:
     return x if m == x.shape[0] else torch.cat([x, x.new_zeros((m - x.shape[0], x.shape[1]))])
 
 
-def project(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``mod(x)`` for a linear module and x: (b, d_in) -> (b, d_out) (possibly a transposed view).
+# Above this many rows (prefill blocks) a CPU projection runs as ``x @ W^T`` (its contiguous output suits the
+# elementwise ops that follow; the weight is reused across many rows anyway) and is not padded.
+SKINNY_MAX_ROWS = 256
 
-    Plain CPU ``nn.Linear``: ``(W @ x^T)^T`` plus bias, with x's rows padded to a count MKL covers in few
-    weight passes (`gemm_rows`). `PerRequestLoRALinear` (batched strategy): its base layer the same way
-    plus its adapters' `delta`. Anything else (PEFT layers, the row-loop strategy, other devices): the
-    module's own forward.
+
+def project(mod: nn.Module, x: torch.Tensor, tokens: int = 1) -> torch.Tensor:
+    """``mod(x)`` for a linear module and x: (n * tokens, d_in) -> (n * tokens, d_out), rows token-major per
+    sequence (x possibly a transposed view).
+
+    Plain CPU ``nn.Linear``: ``(W @ x^T)^T`` plus bias for up to `SKINNY_MAX_ROWS` rows, padded to a count MKL
+    covers in few weight passes (`gemm_rows`); ``x @ W^T`` above. `PerRequestLoRALinear` (batched strategy):
+    its base layer the same way plus its adapters' `delta` (one adapter per sequence of ``tokens`` rows).
+    Anything else (PEFT layers, the row-loop strategy, other devices): the module's own forward.
     """
+    N = x.shape[0]
     if type(mod) is nn.Linear and x.device.type == "cpu":
-        y = torch.mm(mod.weight, pad_rows(x).t())[:, : x.shape[0]].t()
+        if N > SKINNY_MAX_ROWS:
+            return F.linear(x, mod.weight, mod.bias)
+        y = torch.mm(mod.weight, pad_rows(x).t())[:, :N].t()
         return y if mod.bias is None else y + mod.bias
     if type(mod) is PerRequestLoRALinear and not mod.row_loop:
-        y = project(mod.base_layer, x)
-        return y if mod.A is None else y + mod.delta(x[:, None])[:, 0]
-    return mod(x[:, None])[:, 0]
+        y = project(mod.base_layer, x, tokens)
+        return y if mod.A is None else y + mod.delta(x.reshape(-1, tokens, x.shape[1])).reshape(N, -1)
+    return mod(x.reshape(-1, tokens, x.shape[1])).reshape(N, -1)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -79,55 +93,60 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return (x * cos) + (rotated * sin)
 
 
-def _heads(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q: (b, H, hd), k and v: (b, H_kv, hd) of the normed hidden states x: (b, d)."""
-    b, hd = x.shape[0], attn.head_dim
-    return (project(attn.q_proj, x).reshape(b, -1, hd), project(attn.k_proj, x).reshape(b, -1, hd),
-            project(attn.v_proj, x).reshape(b, -1, hd))
+def _heads(attn: nn.Module, x: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q: (N, H, hd), k and v: (N, H_kv, hd) of the normed hidden states x: (N, d)."""
+    N, hd = x.shape[0], attn.head_dim
+    return (project(attn.q_proj, x, tokens).reshape(N, -1, hd), project(attn.k_proj, x, tokens).reshape(N, -1, hd),
+            project(attn.v_proj, x, tokens).reshape(N, -1, hd))
 
 
-def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: StepMask, cache,
+def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepMask | BlockPlan, cache,
             layer_idx: int) -> torch.Tensor:
-    """Writes k, v: (b, H_kv, hd) into the cache and attends q: (b, H, hd) over it -> (b, H * hd).
+    """Writes k, v: (N, H_kv, hd) into the cache and attends q: (N, H, hd) -> (N, H * hd).
 
-    ``mask`` says which of the rows' own cache positions the step reads (the last ``mask.rows.shape[-1]``)
-    and which shared prefixes (`haps.models.attention`). The g = H / H_kv query heads that share a
-    key/value head are that head's g queries (no key/value repetition).
+    A decode step (`StepMask`, N = b rows): ``plan`` says which of the rows' own cache positions the step reads
+    (the last ``plan.rows.shape[-1]``) and which shared prefixes; the g = H / H_kv query heads that share a
+    key/value head are that head's g queries (no key/value repetition). A prefill block (`BlockPlan`,
+    N = n * T): `attend_block`.
     """
+    if isinstance(plan, BlockPlan):
+        return attend_block(q, k, v, plan, cache, layer_idx, attn.scaling)
     b, H, hd = q.shape
     keys, values = cache.update(k[:, :, None], v[:, :, None], layer_idx)  # (b, H_kv, n, hd)
     h_kv = keys.shape[1]
     q = q.reshape(b, h_kv, H // h_kv, hd).contiguous()  # CPU SDPA takes its fast kernel only for contiguous q
-    return attend(q, keys, values, mask, layer_idx, attn.scaling).reshape(b, H * hd)
+    return attend(q, keys, values, plan, layer_idx, attn.scaling).reshape(b, H * hd)
 
 
-def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Gated MLP: down(act(gate(x)) * up(x)), x: (b, d) -> (b, d)."""
-    return project(mlp.down_proj, mlp.act_fn(project(mlp.gate_proj, x)) * project(mlp.up_proj, x))
+def _mlp(mlp: nn.Module, x: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Gated MLP: down(act(gate(x)) * up(x)), x: (N, d) -> (N, d)."""
+    up = mlp.act_fn(project(mlp.gate_proj, x, tokens)) * project(mlp.up_proj, x, tokens)
+    return project(mlp.down_proj, up, tokens)
 
 
-def llama_step(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: StepMask,
+def llama_step(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: StepMask | BlockPlan,
                cache, layer_idx: int) -> torch.Tensor:
-    """`LlamaDecoderLayer` for one token: h (b, d) -> (b, d); cos, sin: (b, hd)."""
-    attn = layer.self_attn
-    q, k, v = _heads(attn, layer.input_layernorm(h))
-    o = _attend(attn, _rope(q, cos, sin), _rope(k, cos, sin), v, mask, cache, layer_idx)
-    h = h + project(attn.o_proj, o)
-    return h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
+    """`LlamaDecoderLayer` on token rows: h (N, d) -> (N, d); cos, sin: (N, hd)."""
+    attn, T = layer.self_attn, plan.tokens
+    q, k, v = _heads(attn, layer.input_layernorm(h), T)
+    o = _attend(attn, _rope(q, cos, sin), _rope(k, cos, sin), v, plan, cache, layer_idx)
+    h = h + project(attn.o_proj, o, T)
+    return h + _mlp(layer.mlp, layer.post_attention_layernorm(h), T)
 
 
-def gemma3_step(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: StepMask,
+def gemma3_step(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: StepMask | BlockPlan,
                 cache, layer_idx: int) -> torch.Tensor:
-    """`Gemma3DecoderLayer` for one token (q/k norms, sandwich norms): h (b, d) -> (b, d)."""
-    attn = layer.self_attn
-    q, k, v = _heads(attn, layer.input_layernorm(h))
+    """`Gemma3DecoderLayer` on token rows (q/k norms, sandwich norms): h (N, d) -> (N, d); cos, sin: (N, hd)."""
+    attn, T = layer.self_attn, plan.tokens
+    q, k, v = _heads(attn, layer.input_layernorm(h), T)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    o = _attend(attn, _rope(q, cos, sin), _rope(k, cos, sin), v, mask, cache, layer_idx)
-    h = h + layer.post_attention_layernorm(project(attn.o_proj, o))
-    return h + layer.post_feedforward_layernorm(_mlp(layer.mlp, layer.pre_feedforward_layernorm(h)))
+    o = _attend(attn, _rope(q, cos, sin), _rope(k, cos, sin), v, plan, cache, layer_idx)
+    h = h + layer.post_attention_layernorm(project(attn.o_proj, o, T))
+    return h + layer.post_feedforward_layernorm(_mlp(layer.mlp, layer.pre_feedforward_layernorm(h), T))
 
 
-LayerStep = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, StepMask, object, int], torch.Tensor]
+LayerStep = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, StepMask | BlockPlan, object, int],
+                     torch.Tensor]
 LAYER_STEPS: dict[str, LayerStep] = {"llama": llama_step, "gemma3_text": gemma3_step}
 
 

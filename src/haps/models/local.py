@@ -12,7 +12,8 @@ vocabulary projection chunked and checkpointed so a 262k-token head never holds 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -353,7 +354,7 @@ class LocalModel:
         # (b, h_kv, P, d) tensors that go to the engine as a DynamicCache. An engine that takes shared
         # prefixes keeps each group's prefix once (the batch-1 keys/values above); its row buffers then
         # hold only each row's positions after its prefix, ``skip[r]`` of them left out.
-        shares = bool(groups) and getattr(engine, "shares_prefixes", False)
+        shares = getattr(engine, "shares_prefixes", False)
         skip = covered if shares else [0] * b
         width = max(lengths[r] - 1 - skip[r] for r in range(b)) if shares else P
         static = engine.open_cache(b, width, self.model.get_output_embeddings().weight) if hasattr(
@@ -382,6 +383,15 @@ class LocalModel:
                 place(r, group_kv[r], 0)
         for rows in buckets:
             T = max(body[r] for r in rows)
+            if shares:  # the block's tokens attend to their prefix's single copy: nothing is recomputed or copied
+                ids, valid = self._left_pad([seqs[r][covered[r]:lengths[r] - 1] for r in rows])
+                offset = torch.tensor([covered[r] - (T - body[r]) for r in rows], device=self.device)
+                pos = (offset[:, None] + torch.arange(T, device=self.device)[None]).clamp(min=0)  # (n, T) absolute
+                with self._adapters_of(inj, [reqs[r].adapter for r in rows], stacked):
+                    engine.prefill_block(static, torch.tensor(rows, device=self.device), ids, valid.bool(), pos,
+                                         width - T)
+                computed += len(rows) * T
+                continue
             cached = [max(0, lengths[r] - 1 - T) for r in rows]  # <= covered[r], since body[r] <= T
             Pk = max(cached)
             past = DynamicCache()
@@ -428,6 +438,17 @@ class LocalModel:
         keys = [id(r.adapter) if r.adapter is not None else None for r in reqs]
         return plan_prefix_groups(seqs, keys, min_prefix=self.min_shared_prefix)
 
+    @contextmanager
+    def _adapters_of(self, inj, adapters, stacked) -> Iterator[None]:
+        """The LoRA wrappers hold ``adapters`` (one per row of a sub-batch) inside, the batch's ``stacked`` after."""
+        try:
+            if inj is not None:
+                inj.set(inj.stack(adapters, self.device, self.model.dtype))
+            yield
+        finally:
+            if inj is not None:
+                inj.set(stacked)
+
     def _prefix_kv(self, tokens: list[int], adapter, inj, stacked) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Keys and values, per layer (1, h_kv, n, d), of one prefix run at batch 1 with ``adapter``."""
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
@@ -443,14 +464,9 @@ class LocalModel:
 
         past = past if past is not None else DynamicCache()
         n_before = past.get_seq_length()
-        try:
-            if inj is not None:
-                inj.set(inj.stack(adapters, self.device, self.model.dtype))
+        with self._adapters_of(inj, adapters, stacked):
             self.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
                                      use_cache=True)
-        finally:
-            if inj is not None:
-                inj.set(stacked)
         if not _full_layers(past, n_before + ids.shape[1]):
             return None
         return [(layer.keys, layer.values) for layer in past.layers]
