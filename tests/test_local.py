@@ -414,3 +414,19 @@ def test_static_cache_select_rows_equals_a_gather(keep):
         assert cache.keys[layer].shape == (len(keep), 2, 10, 3)
         assert torch.equal(cache.keys[layer][:, :, :6], want_k[layer])
         assert torch.equal(cache.values[layer][:, :, :6], want_v[layer])
+
+
+def test_requests_without_logprobs_get_the_same_tokens_and_none(tiny):
+    """logprobs=False skips the vocabulary log-sum-exp (greedy_pick's running maximum only, for >= 8 greedy
+    rows): same tokens, no log-probs; rows that ask for them in the same batch still get them."""
+    prompts = [f"{PROMPTS[i % 4]} {i}" for i in range(9)]
+    with_lp = tiny.generate([GenRequest(prompt=p, max_new_tokens=5) for p in prompts])
+    mixed = tiny.generate([GenRequest(prompt=p, max_new_tokens=5, logprobs=i % 2 == 0) for i, p in enumerate(prompts)])
+    none = tiny.generate([GenRequest(prompt=p, max_new_tokens=5, logprobs=False) for p in prompts])
+    for i, (a, m, n) in enumerate(zip(with_lp, mixed, none, strict=True)):
+        assert a.token_ids == m.token_ids == n.token_ids
+        assert n.logprobs == [] and len(a.logprobs) == 5
+        assert m.logprobs == (a.logprobs if i % 2 == 0 else [])
+    sampled = tiny.generate([GenRequest(prompt=PROMPTS[0], max_new_tokens=4, temperature=0.8, logprobs=False)], seed=3)
+    again = tiny.generate([GenRequest(prompt=PROMPTS[0], max_new_tokens=4, temperature=0.8)], seed=3)
+    assert sampled[0].token_ids == again[0].token_ids and sampled[0].logprobs == []

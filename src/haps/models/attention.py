@@ -69,6 +69,7 @@ class BlockPlan:
     start: int
     own: torch.Tensor
     shared: list[tuple[SharedPrefix, torch.Tensor, int, torch.Tensor | None]] = field(default_factory=list)
+    keys_only: bool = False  # the last layer: only its keys/values are needed, its output is not
 
     @property
     def tokens(self) -> int:
@@ -133,8 +134,9 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Step
 
 
 def attend_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, cache, layer_idx: int,
-                 scale: float) -> torch.Tensor:
-    """One prefill block: q (n * T, H, hd), k and v (n * T, h_kv, hd), token-major per row -> (n * T, H * hd).
+                 scale: float) -> torch.Tensor | None:
+    """One prefill block: q (n * T, H, hd), k and v (n * T, h_kv, hd), token-major per row -> (n * T, H * hd), or
+    None for a ``keys_only`` plan (nothing is attended).
 
     Writes k and v to the cache (``cache.write_rows``), attends each token over the block's own tokens and
     over its row's shared prefix (one query block per prefix and key/value head over the single copy), and
@@ -148,6 +150,8 @@ def attend_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockP
     k = k.reshape(n, T, h_kv, hd).transpose(1, 2)  # (n, h_kv, T, hd)
     v = v.reshape(n, T, h_kv, hd).transpose(1, 2)
     cache.write_rows(plan.rows, plan.start, k, v, layer_idx)
+    if plan.keys_only:
+        return None
     k_own, v_own = (k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)) if g > 1 else (k, v)
     out, lse = attention_with_lse(q, k_own, v_own, plan.own, scale)  # (n, H, T, hd), (n, H, T)
     for prefix, idx, lo, pmask in plan.shared:

@@ -5,7 +5,8 @@ Both engines expose the same four calls used by the decode loop in `LocalModel._
     out = engine.prefill(ids, mask, pos, past)  # ids, pos: (b, T); mask: (b, P + T) over the past
                                                 # (a DynamicCache of P positions, or None) and ids
     out = engine.step(tokens)                   # tokens: (b,) -> the output for the next position
-    tokens, logprobs = engine.pick(out, temps, top_ps, gen)   # out (or out[rows]) -> next tokens
+    tokens, logprobs = engine.pick(out, temps, top_ps, gen, lp)  # out (or out[rows]) -> next tokens
+                                                                   # (log-probs 0.0 unless lp)
     engine.select_rows(keep)                    # keep: (b',) indices of rows that stay in the batch
 
 ``out`` is engine-specific: `HFDecode` returns logits (b, V); `LeanDecode` returns the final-normed
@@ -68,12 +69,11 @@ def _streamed_head(head: nn.Module, h: torch.Tensor) -> bool:
     return type(head) is nn.Linear and head.bias is None and h.dim() == 2 and h.device.type == "cpu"
 
 
-def pick_tokens(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor,
-                gen: torch.Generator) -> tuple[list[int], list[float]]:
+def pick_tokens(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor, gen: torch.Generator,
+                logprobs: bool = True) -> tuple[list[int], list[float]]:
     """Next token per row (greedy where temperature is 0, else nucleus sampling) and its log-prob at
-    temperature 1. logits: (b, V); temps, top_ps: (b,)."""
+    temperature 1 (0.0 without ``logprobs``). logits: (b, V); temps, top_ps: (b,)."""
     logits = logits.float()
-    logz = torch.logsumexp(logits, dim=-1)  # (b,)
     choice = logits.argmax(dim=-1)  # (b,)
     sampled = (temps > 0).nonzero().flatten()
     if sampled.numel():
@@ -85,7 +85,9 @@ def pick_tokens(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor,
         sp = sp.masked_fill(drop, 0.0)
         k = torch.multinomial(sp.cpu(), 1, generator=gen).to(logits.device)  # (s, 1)
         choice[sampled.to(logits.device)] = si.gather(1, k).squeeze(1)
-    lp = logits.gather(1, choice[:, None]).squeeze(1) - logz
+    if not logprobs:
+        return choice.tolist(), [0.0] * logits.shape[0]
+    lp = logits.gather(1, choice[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
     return choice.tolist(), lp.tolist()
 
 
@@ -94,15 +96,15 @@ def pick_tokens(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor,
 GREEDY_PICK_MIN_ROWS = 8
 
 
-def greedy_pick(head: nn.Linear, h: torch.Tensor, softcap: float | None = None,
-                chunk: int = 4096) -> tuple[list[int], list[float]]:
+def greedy_pick(head: nn.Linear, h: torch.Tensor, softcap: float | None = None, chunk: int = 4096,
+                logprobs: bool = True) -> tuple[list[int], list[float]]:
     """`pick_tokens` for an all-greedy batch, straight from hidden states h: (b, d), for a bias-free head.
 
     Runs ``W @ h^T`` over slices of ``chunk`` vocabulary rows and keeps, per row, the running maximum, its
     first index and an online log-sum-exp, while each slice is in cache: no (b, V) logits are written or
     read back. The logits are the same dot products as `head_logits` (same slices), so the argmax (first
     of equal maxima, as ``argmax``) is the same token; the log-prob differs from ``logsumexp`` over the
-    whole row only by float rounding.
+    whole row only by float rounding. Without ``logprobs`` only the running maximum is kept (log-probs 0.0).
     """
     b = h.shape[0]
     W, ht = head.weight, pad_rows(h, HEAD_MIN_ROWS).t()  # (d, m): m >= b, zero columns past b
@@ -117,9 +119,12 @@ def greedy_pick(head: nn.Linear, h: torch.Tensor, softcap: float | None = None,
         z = z.float()
         m, a = z.max(dim=0)  # (b,): first maximum in the slice
         top = torch.maximum(best, m)
-        total = total * torch.exp(best - top) + torch.exp(z - top).sum(dim=0)
+        if logprobs:
+            total = total * torch.exp(best - top) + torch.exp(z - top).sum(dim=0)
         arg = torch.where(m > best, a + i, arg)  # strictly greater: an earlier slice wins ties
         best = top
+    if not logprobs:
+        return arg[:b].tolist(), [0.0] * b
     lp = -torch.log(total[:b])  # best - (best + log total)
     return arg[:b].tolist(), lp.tolist()
 
@@ -154,9 +159,9 @@ class HFDecode:
         return out.logits[:, -1, :]
 
     @staticmethod
-    def pick(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor,
-             gen: torch.Generator) -> tuple[list[int], list[float]]:
-        return pick_tokens(logits, temps, top_ps, gen)
+    def pick(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor, gen: torch.Generator,
+             logprobs: bool = True) -> tuple[list[int], list[float]]:
+        return pick_tokens(logits, temps, top_ps, gen, logprobs)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
@@ -268,8 +273,18 @@ class LeanDecode:
                 and hasattr(model.get_decoder(), "rotary_emb"))
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, past=None) -> torch.Tensor:
+        """Prompt ids, pos (b, T), left-padded where ``mask`` (b, T) is 0 -> the final-normed hidden states (b, d)
+        of the last position. With the own layer steps and no ``past``: every token but the last as one
+        `prefill_block` straight into the static buffers, the last as the first decode step; otherwise the
+        decoder's own forward with a DynamicCache (``past``: one over earlier positions) copied into them."""
         from transformers import DynamicCache
 
+        if past is None and self.shares_prefixes and ids.shape[1] > 1:
+            b, T = ids.shape
+            cache = self.open_cache(b, T - 1, self.model.get_output_embeddings().weight)
+            self.prefill_block(cache, torch.arange(b, device=ids.device), ids[:, :-1], mask[:, :-1].bool(),
+                               pos[:, :-1], 0)
+            return self.start(cache, ids[:, -1], mask, pos[:, -1])
         dyn = past if past is not None else DynamicCache(config=self.cfg)
         hidden = self.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=dyn,
                               use_cache=True).last_hidden_state  # (b, T, d), after the final norm
@@ -318,9 +333,11 @@ class LeanDecode:
         else:
             pes = {t: self.decoder.rotary_emb(h, pos, t) for t in set(self.layer_types)}
         h = h.reshape(n * T, -1)
+        last = len(self.layers) - 1
         for li, (layer, lt) in enumerate(zip(self.layers, self.layer_types, strict=True)):
             cos, sin = pes[lt]
-            h = self.layer_step(layer, h, cos.reshape(n * T, -1), sin.reshape(n * T, -1), plans[lt], cache, li)
+            plan = plans[lt] if li < last else dataclasses.replace(plans[lt], keys_only=True)
+            h = self.layer_step(layer, h, cos.reshape(n * T, -1), sin.reshape(n * T, -1), plan, cache, li)
 
     def _block_plans(self, cache: StaticKVCache, rows: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor,
                      start: int) -> dict[str, BlockPlan]:
@@ -442,14 +459,14 @@ class LeanDecode:
         self.next_pos = self.next_pos + 1
         return self.decoder.norm(h)  # (b, d)
 
-    def pick(self, hidden: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor,
-             gen: torch.Generator) -> tuple[list[int], list[float]]:
+    def pick(self, hidden: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor, gen: torch.Generator,
+             logprobs: bool = True) -> tuple[list[int], list[float]]:
         """Next tokens from final-normed hidden states (b, d): `greedy_pick` when every row is greedy and there
         are enough rows (CPU, plain bias-free head), else `pick_tokens` on the full logits."""
         head = self.model.get_output_embeddings()
         if hidden.shape[0] >= GREEDY_PICK_MIN_ROWS and bool((temps <= 0).all()) and _streamed_head(head, hidden):
-            return greedy_pick(head, hidden, self.softcap)
-        return pick_tokens(self.logits(hidden), temps, top_ps, gen)
+            return greedy_pick(head, hidden, self.softcap, logprobs=logprobs)
+        return pick_tokens(self.logits(hidden), temps, top_ps, gen, logprobs)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(b, d) final-normed hidden states -> (b, V) logits, with the model's final soft-capping."""

@@ -101,8 +101,9 @@ def _heads(attn: nn.Module, x: torch.Tensor, tokens: int) -> tuple[torch.Tensor,
 
 
 def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepMask | BlockPlan, cache,
-            layer_idx: int) -> torch.Tensor:
-    """Writes k, v: (N, H_kv, hd) into the cache and attends q: (N, H, hd) -> (N, H * hd).
+            layer_idx: int) -> torch.Tensor | None:
+    """Writes k, v: (N, H_kv, hd) into the cache and attends q: (N, H, hd) -> (N, H * hd) (None for a keys-only
+    block).
 
     A decode step (`StepMask`, N = b rows): ``plan`` says which of the rows' own cache positions the step reads
     (the last ``plan.rows.shape[-1]``) and which shared prefixes; the g = H / H_kv query heads that share a
@@ -130,6 +131,8 @@ def llama_step(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.
     attn, T = layer.self_attn, plan.tokens
     q, k, v = _heads(attn, layer.input_layernorm(h), T)
     o = _attend(attn, _rope(q, cos, sin), _rope(k, cos, sin), v, plan, cache, layer_idx)
+    if o is None:  # a keys-only prefill block: the layer's output is not needed
+        return h
     h = h + project(attn.o_proj, o, T)
     return h + _mlp(layer.mlp, layer.post_attention_layernorm(h), T)
 
@@ -141,6 +144,8 @@ def gemma3_step(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch
     q, k, v = _heads(attn, layer.input_layernorm(h), T)
     q, k = attn.q_norm(q), attn.k_norm(k)
     o = _attend(attn, _rope(q, cos, sin), _rope(k, cos, sin), v, plan, cache, layer_idx)
+    if o is None:  # a keys-only prefill block: the layer's output is not needed
+        return h
     h = h + layer.post_attention_layernorm(project(attn.o_proj, o, T))
     return h + layer.post_feedforward_layernorm(_mlp(layer.mlp, layer.pre_feedforward_layernorm(h), T))
 

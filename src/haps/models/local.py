@@ -208,6 +208,7 @@ class LocalModel:
         temps = torch.tensor([max(r.temperature, 0.0) for r in reqs])
         top_ps = torch.tensor([r.top_p for r in reqs])
         max_new = [r.max_new_tokens for r in reqs]
+        want_logprobs = [r.logprobs for r in reqs]
         stops = [r.stop for r in reqs]
         tail_tokens = [max((len(s) for s in st), default=0) + 2 for st in stops]
         out_ids: list[list[int]] = [[] for _ in range(b)]
@@ -227,11 +228,12 @@ class LocalModel:
             t_prefill = time.perf_counter()
             while True:
                 live = [j for j, i in enumerate(rows) if i >= 0]
+                want_lp = any(want_logprobs[rows[j]] for j in live)
                 if len(live) == len(rows):
-                    tokens, lps = engine.pick(out, temps[rows], top_ps[rows], gen)
+                    tokens, lps = engine.pick(out, temps[rows], top_ps[rows], gen, want_lp)
                 else:  # sample only live rows; idle rows feed their last token back
                     lt, ll = engine.pick(out[live], temps[[rows[j] for j in live]],
-                                        top_ps[[rows[j] for j in live]], gen)
+                                        top_ps[[rows[j] for j in live]], gen, want_lp)
                     tokens = [out_ids[i][-1] if i >= 0 else out_ids[-i - 2][-1] for i in rows]
                     lps = [0.0] * len(rows)
                     for j, t, p in zip(live, lt, ll, strict=True):
@@ -292,7 +294,8 @@ class LocalModel:
                     text = text[:cut]
             n_in, n_out = len(encoded[i][1]), len(ids_i)
             results.append(Generation(
-                text=text, model=self.spec.name, token_ids=ids_i, logprobs=out_lp[i], prompt_tokens=n_in,
+                text=text, model=self.spec.name, token_ids=ids_i, logprobs=out_lp[i] if want_logprobs[i] else [],
+                prompt_tokens=n_in,
                 completion_tokens=n_out, finish_reason=finish[i] or "length",
                 cost=self.spec.cost(n_in, n_out), prompt_text=encoded[i][0],
             ))
@@ -344,7 +347,7 @@ class LocalModel:
         group_kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # row -> its group's (1, h, n, d)
         computed = 0
         for g in groups:
-            kv = self._prefix_kv(list(g.tokens), reqs[g.rows[0]].adapter, inj, stacked)
+            kv = self._prefix_kv(list(g.tokens), reqs[g.rows[0]].adapter, inj, stacked, engine)
             if kv is None:  # a cache layout we cannot pre-fill
                 return plain()
             computed += g.length
@@ -449,9 +452,18 @@ class LocalModel:
             if inj is not None:
                 inj.set(stacked)
 
-    def _prefix_kv(self, tokens: list[int], adapter, inj, stacked) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """Keys and values, per layer (1, h_kv, n, d), of one prefix run at batch 1 with ``adapter``."""
+    def _prefix_kv(self, tokens: list[int], adapter, inj, stacked,
+                   engine=None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Keys and values, per layer (1, h_kv, n, d), of one prefix run at batch 1 with ``adapter``: as a
+        `prefill_block` of ``engine`` where it takes shared prefixes, else through the decoder's forward."""
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        if getattr(engine, "shares_prefixes", False):
+            n = len(tokens)
+            cache = engine.open_cache(1, n, self.model.get_output_embeddings().weight)
+            with self._adapters_of(inj, [adapter], stacked):
+                engine.prefill_block(cache, torch.zeros(1, dtype=torch.long, device=self.device), ids,
+                                     torch.ones_like(ids, dtype=torch.bool), torch.arange(n, device=self.device)[None], 0)
+            return [(k[:, :, :n], v[:, :, :n]) for k, v in zip(cache.keys, cache.values, strict=True)]
         return self._decoder_kv(ids, [adapter], inj, stacked)
 
     def _decoder_kv(self, ids: torch.Tensor, adapters, inj, stacked, mask=None, pos=None,

@@ -43,6 +43,9 @@ class GenRequest:
     tag: str = ""  # free text for the caller (episode id, role)
     # text the reply must start with: the model continues it (the generated text excludes it)
     response_prefix: str = ""
+    # record each generated token's log-prob (`Generation.logprobs`); False spares the local backend the
+    # log-sum-exp over the vocabulary at every step
+    logprobs: bool = True
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -58,8 +61,8 @@ class GenRequest:
 @dataclass
 class Generation:
     """Result of one request. ``token_ids`` and ``logprobs`` are aligned (one log-prob per generated
-    token, under the unmodified model distribution at temperature 1); ``text`` is cut before a stop
-    string. API models report token counts but no ids or log-probs."""
+    token, under the unmodified model distribution at temperature 1; empty when the request asked for
+    none); ``text`` is cut before a stop string. API models report token counts but no ids or log-probs."""
 
     text: str
     model: str

@@ -187,8 +187,8 @@ def run_episodes(pool, workflow: Workflow, jobs: Sequence[EpisodeJob], *,
                         cap = sampling.max_new_tokens
                         if call.max_new_tokens is not None:
                             cap = min(cap, call.max_new_tokens)
-                        req = replace(call.request, max_new_tokens=cap,
-                                      temperature=sampling.temperature, top_p=sampling.top_p, adapter=adapter)
+                        req = replace(call.request, max_new_tokens=cap, temperature=sampling.temperature,
+                                      top_p=sampling.top_p, adapter=adapter, logprobs=record_logprobs)
                         buckets.setdefault(model, []).append((i, call.role, req))
                 for model, items in buckets.items():
                     gens = pool.generate(model, [r for _, _, r in items],
