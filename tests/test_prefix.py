@@ -127,7 +127,7 @@ def test_shared_prefix_generation_equals_plain_prefill(tiny, engine, overhead):
     rng = random.Random(0)
     reqs = [GenRequest(prompt=p, max_new_tokens=rng.choice([3, 9, 14]), adapter=a)
             for p, a in zip(prompts, adapters, strict=True)]
-    plain, plain_stats = _run(tiny, reqs, target, False, engine)
+    plain, plain_stats = _run(tiny, reqs, target, False, "hf")  # the reference: the model's own forward
     shared_out, stats = _run(tiny, reqs, target, True, engine, overhead)
     assert stats["prefix_groups"] > 0 and (stats["buckets"] > 1) == (overhead == 1)
     if overhead == 1:  # one bucket is as wide as the longest row without a group: rows recompute prefixes
@@ -157,7 +157,7 @@ def test_ragged_prefill_without_shared_prefixes_equals_plain_prefill(tiny, engin
     texts = ["Zebra crossing at noon, then a long walk through the old market to find spices and tea.",
              "Quantum", "Ok", "Mountains rise above the clouds where eagles nest.", OTHER]
     reqs = [GenRequest(prompt=t, max_new_tokens=6) for t in texts]
-    plain, _ = _run(tiny, reqs, None, False, engine)
+    plain, _ = _run(tiny, reqs, None, False, "hf")
     ragged, stats = _run(tiny, reqs, None, True, engine, overhead=1)
     assert stats["prefix_groups"] == 0 and stats["buckets"] > 1
     for p, r in zip(plain, ragged, strict=True):

@@ -236,6 +236,22 @@ class StaticKVCache:
         self.shared = shared
 
 
+def _prefix_in_window(p: SharedPrefix, qpos: torch.Tensor, w: int) -> tuple[int, torch.Tensor | None] | None:
+    """What a sliding window of w shows of shared prefix ``p`` to tokens at absolute positions qpos (n_g, T):
+    the keys at positions > qpos - w. Returns None when it shows no key, else (lo, mask): read keys [lo, L),
+    masked per token by ``mask`` (n_g, 1, T, L - lo, additive), or unmasked (None) when each token sees them all."""
+    first = qpos - (w - 1)  # first visible position per token
+    lo = max(0, int(first.min()))
+    if lo >= p.length:
+        return None
+    hidden = torch.arange(lo, p.length, device=qpos.device)[None, None, :] < first[:, :, None]  # (n_g, T, L - lo)
+    if not bool(hidden.any()):
+        return lo, None
+    dtype = p.keys[0].dtype
+    mask = torch.zeros(hidden.shape, dtype=dtype, device=qpos.device).masked_fill_(hidden, torch.finfo(dtype).min)
+    return lo, mask[:, None]
+
+
 class LeanDecode:
     """Fast engine for known families: static KV cache, direct decoder-layer calls, last-token head.
 
@@ -363,19 +379,9 @@ class LeanDecode:
                 if not idx:
                     continue
                 idx_t = torch.tensor(idx, device=valid.device)
-                if w is None:
-                    shared.append((p, idx_t, 0, None))
-                    continue
-                first = qpos.index_select(0, idx_t) - (w - 1)  # (n_g, T): first visible prefix position
-                lo = max(0, int(first.min()))
-                if lo >= p.length:
-                    continue
-                hidden = torch.arange(lo, p.length, device=valid.device)[None, None, :] < first[:, :, None]
-                mask = None
-                if bool(hidden.any()):
-                    mask = torch.zeros(hidden.shape, dtype=dtype, device=valid.device).masked_fill_(
-                        hidden, lowest)[:, None]  # (n_g, 1, T, L - lo)
-                shared.append((p, idx_t, lo, mask))
+                seen = (0, None) if w is None else _prefix_in_window(p, qpos.index_select(0, idx_t), w)
+                if seen is not None:
+                    shared.append((p, idx_t, *seen))
             out[t] = BlockPlan(rows=rows, start=start, own=own, shared=shared)
         return out
 
@@ -424,20 +430,12 @@ class LeanDecode:
         return out
 
     def _window_shared(self, w: int) -> list[tuple[SharedPrefix, int, torch.Tensor | None]]:
-        """The shared-prefix keys a sliding window of w still shows: absolute positions > pos - w."""
+        """The shared-prefix keys a sliding window of w still shows to this step's tokens."""
         out = []
         for p in self.cache.shared:
-            first = self.next_pos.index_select(0, p.rows) - (w - 1)  # (n_g,): first visible position
-            lo = max(0, int(first.min()))
-            if lo >= p.length:
-                continue  # out of every row's window
-            hidden = torch.arange(lo, p.length, device=first.device)[None, :] < first[:, None]  # (n_g, L - lo)
-            mask = None
-            if bool(hidden.any()):
-                dtype = p.keys[0].dtype
-                mask = torch.zeros(hidden.shape, dtype=dtype, device=first.device).masked_fill_(
-                    hidden, torch.finfo(dtype).min)[:, None, None, :]
-            out.append((p, lo, mask))
+            seen = _prefix_in_window(p, self.next_pos.index_select(0, p.rows)[:, None], w)
+            if seen is not None:
+                out.append((p, *seen))
         return out
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

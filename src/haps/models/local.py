@@ -3,7 +3,7 @@
 `generate` runs our own lean decode loop over the transformers model (prefill, then one token per
 step with the model's KV cache): left padding, explicit position ids, every row finishing on its own
 (EOS, stop string, max tokens), finished rows leaving the batch (cache, mask and adapters are
-compacted), greedy or temperature/top-p sampling per row, and per-token log-probs.
+compacted), greedy or temperature/top-p sampling per row, and per-token log-probs (when asked for).
 
 `score` recomputes summed log-probs of given completions with gradients (teacher forcing), with the
 vocabulary projection chunked and checkpointed so a 262k-token head never holds (T, V) logits.
@@ -307,18 +307,22 @@ class LocalModel:
         ``engine.pick`` takes: logits (b, V), or hidden states for `LeanDecode`) and stats.
 
         Plain prefill is one left-padded batch of width max(len). With ``share_prefix`` (and b > 1), three
-        stages give the same keys, values and logits with less compute:
+        stages give the same keys, values and logits (up to float rounding) with less compute:
 
         1. prefixes: rows are grouped by a common token prefix (`plan_prefix_groups`; rows with different
            adapters never share); each group's prefix runs once at batch 1;
         2. bodies: each row's tokens past its prefix, except the last, run in buckets of similar length
-           (`plan_length_buckets`), each bucket a left-padded batch over its rows' prefix keys/values. A
-           row shorter than its bucket recomputes a few prefix tokens rather than padding mid-row;
-        3. last tokens: one token per row through the engine, over the assembled cache of width
-           max(len) - 1 laid out as plain left padding (every row right-aligned), so that positions and
-           sliding windows (applied by the masks: the caches are config-less, all layers full) see the
-           same keys as in plain prefill. With `LeanDecode` the cache is assembled in the engine's own
-           static buffers (`open_cache`) and the last tokens run as its first decode step (`start`).
+           (`plan_length_buckets`);
+        3. last tokens: one token per row through the engine, as its first decode step.
+
+        With an engine that takes shared prefixes (`LeanDecode` with its own layer steps) each group's prefix
+        stays one copy (`SharedPrefix`); the row buffers hold only what follows it, right-aligned, and each
+        bucket is a left-padded `prefill_block` that attends over the prefix copy and writes its keys/values
+        straight into the rows' buffers. Otherwise (`HFDecode`) each bucket is a forward over its rows' prefix
+        keys/values copied per row (a row shorter than its bucket recomputes a few prefix tokens rather than
+        padding mid-row), assembled into a cache of width max(len) - 1 laid out as plain left padding, so
+        that positions and sliding windows (applied by the masks: the caches are config-less, all layers
+        full) see the same keys as in plain prefill.
         """
         b = len(seqs)
         lengths = [len(s) for s in seqs]
