@@ -119,7 +119,11 @@ def _run(local: LocalModel, reqs, target, share: bool, engine: str, overhead: in
 
 @pytest.mark.parametrize("engine", ["auto", "hf"])
 @pytest.mark.parametrize("overhead", [1, 10_000])  # many buckets / one bucket for the bodies
-def test_shared_prefix_generation_equals_plain_prefill(tiny, engine, overhead):
+@pytest.mark.parametrize("inline", [False, True])  # decode over the prefix copy / prefixes copied into the rows
+def test_shared_prefix_generation_equals_plain_prefill(tiny, engine, overhead, inline, monkeypatch):
+    import haps.models.decode as decode
+
+    monkeypatch.setattr(decode, "CASCADE_MIN_BYTES", 1 << 40 if inline else 0)
     target = LoraTarget(last_k_layers=2, rank=4)
     shared = _adapter(tiny, target, 7)
     adapters = [None, shared, shared, _adapter(tiny, target, 8), None, None, None]
@@ -130,6 +134,7 @@ def test_shared_prefix_generation_equals_plain_prefill(tiny, engine, overhead):
     plain, plain_stats = _run(tiny, reqs, target, False, "hf")  # the reference: the model's own forward
     shared_out, stats = _run(tiny, reqs, target, True, engine, overhead)
     assert stats["prefix_groups"] > 0 and (stats["buckets"] > 1) == (overhead == 1)
+    assert stats["inlined_prefixes"] == (stats["prefix_groups"] if inline and engine == "auto" else 0)
     if overhead == 1:  # one bucket is as wide as the longest row without a group: rows recompute prefixes
         assert stats["prefill_tokens"] < plain_stats["prefill_tokens"]
     for p, s in zip(plain, shared_out, strict=True):

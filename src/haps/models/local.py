@@ -438,7 +438,7 @@ class LocalModel:
                 cache.update(k, v, layer)
             out = engine.prefill(last, mask, pos, past=cache)
         return out, {"prompt_len": plain_len, "prefill_tokens": computed + b, "prefix_groups": len(groups),
-                        "buckets": len(buckets)}
+                        "buckets": len(buckets), "inlined_prefixes": getattr(engine, "inlined_prefixes", 0)}
 
     def _prefix_groups(self, seqs: list[list[int]], reqs) -> list[PrefixGroup]:
         """Groups of rows sharing a prefix of at least ``min_shared_prefix`` tokens (same adapter)."""
