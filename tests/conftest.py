@@ -57,13 +57,15 @@ def tiny_llama(smol_tokenizer):
 
 @pytest.fixture(scope="session")
 def tiny_gemma3(smol_tokenizer):
-    """Random 3-layer Gemma3 text model with a rectangular o_proj (4 heads x 32 = 128 -> 80)."""
+    """Random 3-layer Gemma3 text model with a rectangular o_proj (4 heads x 32 = 128 -> 80), sliding-window
+    (16) and full attention layers mixed as in the real model (whose pattern is 5 sliding : 1 full)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(1)
     cfg = Gemma3TextConfig(vocab_size=len(smol_tokenizer), hidden_size=80, intermediate_size=160,
                            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
                            max_position_embeddings=512, sliding_window=16, query_pre_attn_scalar=32,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                            eos_token_id=smol_tokenizer.eos_token_id, pad_token_id=smol_tokenizer.pad_token_id)
     return _tiny_local(Gemma3ForCausalLM(cfg), smol_tokenizer, "tiny-gemma3")
 

@@ -375,7 +375,7 @@ class LeanDecode:
         qpos = torch.where(valid, pos, first_real)  # (n, T)
         members = {r: i for i, r in enumerate(rows.tolist())}
         out = {}
-        for t in set(self.layer_types):
+        for t in sorted(set(self.layer_types)):  # a fixed order
             w = self.window if t == "sliding_attention" else None
             sees = seen if w is None else seen & ((qpos[:, :, None] - qpos[:, None, :]) < w)
             own = torch.zeros((n, 1, T, T), dtype=dtype, device=valid.device).masked_fill_(~sees[:, None], lowest)
@@ -385,9 +385,9 @@ class LeanDecode:
                 if not idx:
                     continue
                 idx_t = torch.tensor(idx, device=valid.device)
-                seen = (0, None) if w is None else _prefix_in_window(p, qpos.index_select(0, idx_t), w)
-                if seen is not None:
-                    shared.append((p, idx_t, *seen))
+                part = (0, None) if w is None else _prefix_in_window(p, qpos.index_select(0, idx_t), w)
+                if part is not None:
+                    shared.append((p, idx_t, *part))
             out[t] = BlockPlan(rows=rows, start=start, own=own, shared=shared)
         return out
 
@@ -480,9 +480,9 @@ class LeanDecode:
         """The shared-prefix keys a sliding window of w still shows to this step's tokens."""
         out = []
         for p in self.cache.shared:
-            seen = _prefix_in_window(p, self.next_pos.index_select(0, p.rows)[:, None], w)
-            if seen is not None:
-                out.append((p, *seen))
+            part = _prefix_in_window(p, self.next_pos.index_select(0, p.rows)[:, None], w)
+            if part is not None:
+                out.append((p, *part))
         return out
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
