@@ -12,13 +12,14 @@ Both engines expose the same four calls used by the decode loop in `LocalModel._
 ``out`` is engine-specific: `HFDecode` returns logits (b, V); `LeanDecode` returns the final-normed
 hidden states (b, d), so that an all-greedy batch never materialises (b, V) logits (`greedy_pick`).
 
-`HFDecode` runs the model's own forward with a `DynamicCache` (any causal LM). `LeanDecode` runs the
-prefill the same way, copies the cache into preallocated buffers, then decodes with a static cache (no
-`torch.cat` growth per step), a padding mask kept as one preallocated additive row per sequence (no mask
-building per step) and the last-token head only. Each decode step runs every decoder layer through
-`haps.models.layer_step` (the layer's own submodules on (b, d) hidden states, skinny-matmul friendly
-projections, the per-request LoRA wrappers' adapters included) or, for layers that module does not
-model, through the layer's own forward. It supports the families whose layer signature it knows
+`HFDecode` runs the model's own forward with a `DynamicCache` (any causal LM). `LeanDecode` keeps a
+static cache (per-row buffers, no `torch.cat` growth per step, plus prefixes shared by groups of rows and
+stored once, `haps.models.attention`), a padding mask kept as one preallocated additive row per sequence
+(no mask building per step) and the last-token head only. Its prefill runs as blocks of tokens written
+straight into the buffers (`prefill_block`) and each decode step runs every decoder layer through
+`haps.models.layer_step` (the layer's own submodules on token rows, skinny-matmul friendly projections,
+the per-request LoRA wrappers' adapters included); for layers that module does not model it uses the
+decoder's and the layers' own forwards. It supports the families whose layer signature it knows
 (`LEAN_FAMILIES`); other models use `HFDecode`.
 """
 
@@ -260,10 +261,11 @@ def _prefix_in_window(p: SharedPrefix, qpos: torch.Tensor, w: int) -> tuple[int,
 class LeanDecode:
     """Fast engine for known families: static KV cache, direct decoder-layer calls, last-token head.
 
-    Exactness: the prefill is the reference decoder forward itself; a decode step runs the same modules on the
-    same inputs, with keys/values read from a buffer instead of a concatenated tensor, and an additive
-    mask of 0 / finfo.min (what the reference's masks mean). Sliding-window layers see the same keys:
-    positions older than the window are masked rather than dropped.
+    Exactness (up to float rounding): prefill blocks and decode steps run the same modules on the same inputs
+    as the reference forward, with keys/values read from buffers (and shared prefixes) instead of a
+    concatenated tensor, and additive masks of 0 / finfo.min (what the reference's masks mean).
+    Sliding-window layers see the same keys: steps read only the window's positions, blocks mask the
+    older ones. Tests compare every path with the transformers forward on tiny Llama and Gemma 3 models.
     """
 
     # finished rows leave the batch cheaply (`StaticKVCache.select_rows` moves only the rows that fill holes)
