@@ -128,9 +128,17 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Step
         o_p, l_p = attention_with_lse(block, k_p, v_p, pmask, scale)
         o_p = o_p.reshape(h_kv, n_g, g, hd).permute(1, 0, 2, 3)  # (n_g, h_kv, g, hd)
         l_p = l_p.reshape(h_kv, n_g, g).permute(1, 0, 2)  # (n_g, h_kv, g)
-        w = torch.sigmoid(lse.index_select(0, rows) - l_p)[..., None].to(out.dtype)  # weight of the own keys
-        out.index_copy_(0, rows, out.index_select(0, rows) * w + o_p * (1 - w))
+        _merge_shared(out, lse, rows, o_p, l_p)
     return out
+
+
+def _merge_shared(out: torch.Tensor, lse: torch.Tensor, idx: torch.Tensor, o_p: torch.Tensor,
+                  l_p: torch.Tensor) -> None:
+    """Rows ``idx`` of ``out`` (own-key attention, log-sum-exp ``lse``) become attention over their own and
+    their prefix's keys, given the prefix part ``o_p`` / ``l_p`` of those rows (same shapes as out[idx],
+    lse[idx]); in place."""
+    w = torch.sigmoid(lse.index_select(0, idx) - l_p)[..., None].to(out.dtype)  # weight of the own keys
+    out.index_copy_(0, idx, out.index_select(0, idx) * w + o_p * (1 - w))
 
 
 def attend_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, cache, layer_idx: int,
@@ -164,6 +172,5 @@ def attend_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockP
                                       pmask, scale)
         o_p = o_p.reshape(h_kv, n_g, g, T, hd).permute(1, 0, 2, 3, 4).reshape(n_g, H, T, hd)
         l_p = l_p.reshape(h_kv, n_g, g, T).permute(1, 0, 2, 3).reshape(n_g, H, T)
-        w = torch.sigmoid(lse.index_select(0, idx) - l_p)[..., None].to(out.dtype)  # weight of the own keys
-        out.index_copy_(0, idx, out.index_select(0, idx) * w + o_p * (1 - w))
+        _merge_shared(out, lse, idx, o_p, l_p)
     return out.transpose(1, 2).reshape(n * T, H * hd)

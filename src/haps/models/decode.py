@@ -348,20 +348,30 @@ class LeanDecode:
         token attends over its row's shared prefix (``cache.shared``) and the block's earlier tokens, so a
         block never copies a prefix. The LoRA wrappers must hold the n rows' adapters. Needs `shares_prefixes`.
         """
-        n, T = ids.shape
         h = self.decoder.embed_tokens(ids)  # (n, T, d)
         plans = self._block_plans(cache, rows, valid, pos, start)
+        last = {t: dataclasses.replace(p, keys_only=True) for t, p in plans.items()}  # the last layer's plans
+        self._run_layers(h.reshape(-1, h.shape[-1]), self._rotary(h, pos), plans, cache, last)
+
+    def _rotary(self, h: torch.Tensor, pos: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per attention type, (cos, sin) as token rows (N, hd) for states h (n, T, d) at positions pos (n, T)."""
         if self.rope_kind == "plain":
             pe = self.decoder.rotary_emb(h, pos)
             pes = {t: pe for t in set(self.layer_types)}
         else:
             pes = {t: self.decoder.rotary_emb(h, pos, t) for t in set(self.layer_types)}
-        h = h.reshape(n * T, -1)
-        last = len(self.layers) - 1
+        return {t: (cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])) for t, (cos, sin) in pes.items()}
+
+    def _run_layers(self, h: torch.Tensor, pes: dict, plans: dict, cache: StaticKVCache,
+                    last_plans: dict | None = None) -> torch.Tensor:
+        """Every decoder layer on token rows h (N, d), each with its attention type's rotary and plan (the last
+        layer with ``last_plans`` where given) -> (N, d)."""
+        final = len(self.layers) - 1
         for li, (layer, lt) in enumerate(zip(self.layers, self.layer_types, strict=True)):
             cos, sin = pes[lt]
-            plan = plans[lt] if li < last else dataclasses.replace(plans[lt], keys_only=True)
-            h = self.layer_step(layer, h, cos.reshape(n * T, -1), sin.reshape(n * T, -1), plan, cache, li)
+            plan = last_plans[lt] if last_plans is not None and li == final else plans[lt]
+            h = self.layer_step(layer, h, cos, sin, plan, cache, li)
+        return h
 
     def _block_plans(self, cache: StaticKVCache, rows: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor,
                      start: int) -> dict[str, BlockPlan]:
@@ -492,16 +502,7 @@ class LeanDecode:
         n = cache.length + 1  # keys visible to the new token
         pos = self.next_pos[:, None]  # (b, 1)
         h = self.decoder.embed_tokens(tokens[:, None])  # (b, 1, d)
-        masks = self._masks(n)
-        if self.rope_kind == "plain":
-            pe = self.decoder.rotary_emb(h, pos)
-            pes = {t: pe for t in set(self.layer_types)}
-        else:
-            pes = {t: self.decoder.rotary_emb(h, pos, t) for t in set(self.layer_types)}
-        h = h[:, 0]  # (b, d)
-        for li, (layer, lt) in enumerate(zip(self.layers, self.layer_types, strict=True)):
-            cos, sin = pes[lt]
-            h = self.layer_step(layer, h, cos[:, 0], sin[:, 0], masks[lt], cache, li)
+        h = self._run_layers(h[:, 0], self._rotary(h, pos), self._masks(n), cache)  # (b, d)
         cache.advance(1)
         self.next_pos = self.next_pos + 1
         return self.decoder.norm(h)  # (b, d)
