@@ -92,11 +92,11 @@ def server(backends):
 
 
 def api_model(base_url: str, source: str = "tiny-llama", *, timeout_s: float = 30.0, max_retries: int = 2,
-              max_concurrency: int = 8, backoff_s: float = 0.01) -> ApiModel:
+              max_concurrency: int = 8) -> ApiModel:
     spec = ModelSpec(name="closed-tiny", backend="api", open_weights=False, base_url=base_url, source=source,
                      price_in=PRICE_IN, price_out=PRICE_OUT, timeout_s=timeout_s, max_retries=max_retries,
                      max_concurrency=max_concurrency)
-    return ApiModel(spec, backoff_s=backoff_s)
+    return ApiModel(spec)
 
 
 def chat(text: str, n: int = 6, **kw) -> GenRequest:
@@ -179,10 +179,10 @@ def test_through_pool_with_api_spec(server, tiny_llama):
 
 # ---------------------------------------------------------------------- failures stay in their row
 def test_unknown_model_gives_error_rows_without_retrying(server):
-    model = api_model(server.base_url, source="no-such-model", max_retries=3, backoff_s=5.0)
+    model = api_model(server.base_url, source="no-such-model", max_retries=3)
     t0 = time.monotonic()
     got = model.generate([chat("a"), chat("b")])
-    assert time.monotonic() - t0 < 4.0  # a 4xx is not retried (the first backoff alone is 5 s)
+    assert time.monotonic() - t0 < 2.0  # a 4xx is not retried (3 retries back off >= 2.6 s in all)
     for g in got:
         assert g.finish_reason == "error" and g.text == "" and g.cost == 0.0
         assert "HTTP 400 (after 1 attempt)" in g.error and "no-such-model" in g.error and "tiny-llama" in g.error

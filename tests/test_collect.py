@@ -28,6 +28,7 @@ from haps.train.collect import CollectConfig, collect
 class FakeWorkflow:
     name = "fake"
     roles = ("teacher", "student")
+    stratify_by = None
     task_description = "Answer the question."
     role_definitions = {"student": "Answers.", "teacher": "Reviews."}
     def problem_text(self, p):

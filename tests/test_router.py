@@ -26,7 +26,7 @@ from haps.routing.prompt import (
     assignment_json,
     build_routing_prompt,
     build_system_prompt,
-    parse_assignment,
+    parse_assignment_json,
 )
 from haps.routing.space import AssignmentSpace
 from haps.train.sft import Example, SFTConfig, SFTRecipe, ValidationSet
@@ -90,11 +90,11 @@ def test_routing_prompt_has_four_parts_from_workflow_and_pool():
 def test_assignment_json_and_parse():
     assert assignment_json([0, 1], SPACE.roles) == '{"teacher": 0, "student": 1}'
     assert assignment_json({"student": 1, "teacher": 0}, SPACE.roles) == '{"teacher": 0, "student": 1}'
-    assert parse_assignment('blah {"teacher": 1, "student": 0} tail', SPACE) == (1, 0)
-    assert parse_assignment('{"student": 1, "teacher": 1}', SPACE) == (1, 1)
+    assert parse_assignment_json('blah {"teacher": 1, "student": 0} tail', SPACE) == (1, 0)
+    assert parse_assignment_json('{"student": 1, "teacher": 1}', SPACE) == (1, 1)
     for bad in ('{"teacher": 2, "student": 0}', '{"teacher": "0", "student": 0}', '{"teacher": 0}',
                 '{"teacher": true, "student": 0}', "teacher 0 student 1", '{"teacher": 0, "student": 1, "x": 0}'):
-        assert parse_assignment(bad, SPACE) is None
+        assert parse_assignment_json(bad, SPACE) is None
 
 
 def test_space_index_roundtrip():

@@ -67,7 +67,8 @@ class ModelSpec(_Strict):
         default=None, description="api: name of the environment variable holding the key (never the key)."
     )
     timeout_s: float = Field(default=60.0, gt=0, description="api: per-request timeout in seconds.")
-    max_retries: int = Field(default=3, ge=0, description="api: retries with exponential backoff.")
+    max_retries: int = Field(default=3, ge=0, description="api: retries of the openai client (connection errors, "
+                             "timeouts, 429, 5xx; exponential backoff with jitter, Retry-After honoured).")
     max_concurrency: int = Field(default=8, ge=1, description="api: requests in flight at once.")
 
     @model_validator(mode="after")
@@ -149,10 +150,26 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{where}: not valid YAML ({what}); fix the file.") from e
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r} must hold a mapping at top level, got {type(data).__name__}.")
     return data
+
+
+def validation_message(e: ValidationError) -> str:
+    """A pydantic ValidationError as one line: ``field.sub: what is wrong (got value); ...``."""
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "value"
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        got = f" (got {err['input']!r})" if "input" in err and err.get("type") != "missing" else ""
+        if len(got) > 80:
+            got = got[:77] + "...)"
+        parts.append(f"{loc}: {msg}{got}")
+    return "; ".join(parts).replace("\n", " ")
 
 
 def load_pool(name_or_path: str) -> PoolConfig:
@@ -161,11 +178,13 @@ def load_pool(name_or_path: str) -> PoolConfig:
 
     if name_or_path in builtin_pool_names():
         return builtin_pool(name_or_path)
-    if not Path(name_or_path).exists():
+    if not Path(name_or_path).is_file():
         raise ConfigError(
-            f"pool {name_or_path!r} is neither a built-in pool ({builtin_pool_names()}) nor an existing YAML file."
+            f"unknown pool {name_or_path!r}: the built-in pools are {builtin_pool_names()}; a pool YAML file works "
+            "too (give its path, e.g. examples/pool_mixed.yaml)."
         )
     try:
         return PoolConfig.model_validate(load_yaml(name_or_path))
     except ValidationError as e:
-        raise ConfigError(f"pool file {name_or_path!r} is invalid: {e}") from e
+        raise ConfigError(f"pool file {name_or_path!r} is invalid: {validation_message(e)}. Fix the file (see "
+                          "examples/pool_mixed.yaml).") from e

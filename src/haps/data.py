@@ -1,19 +1,22 @@
 """Benchmark problems: the `Problem` record, loaders and deterministic splits.
 
-Sources, all producing the same `Problem` records:
+Each workflow owns its data format: ``Workflow.load_record`` turns one decoded JSON object into a
+`Problem` (see `haps.workflows.base.Workflow`), and ``Workflow.demo_data`` names its embedded demo set.
+The loaders here are task-independent; ``load_problems(task, ...)`` asks the workflow registry
+(`haps.workflows.load_workflow_class`: a registered name, a plugin or ``path/to/file.py:ClassName``) for
+the loader. Sources, all producing the same `Problem` records:
 
-- the embedded demo set (``load_problems(task)`` with no path): ~20 original items per task shipped
-  in ``haps/demo_data/`` so that everything runs offline without the benchmark files;
-- JSONL files in the shared formats (``load_problems(task, path)``; a file or a folder of ``*.jsonl``);
-  see ``shared/data/README.md``. HotpotQA: the original distractor layout
-  ``{id, question, answer, type, level, supporting_facts: [[title, i]], context: [[title, [sent]]]}``
-  (the Hugging Face column layout and ``_id`` are accepted too). MMLU:
-  ``{id, subject, question, choices: [4 strings], answer: "A".."D"}``;
-- Hugging Face datasets (``load_hf``), only when online and ``datasets`` is installed.
+- the embedded demo set (``load_problems(task)`` with no path): ~20 original items per built-in task
+  shipped in ``haps/demo_data/`` so that everything runs offline without the benchmark files;
+- JSONL files (``load_problems(task, path)``; a file or a folder of ``*.jsonl``), one record per line
+  in the workflow's format; the built-in formats are in ``shared/data/README.md``;
+- Hugging Face datasets (``load_hf``) of the built-in benchmarks, only when online and ``datasets`` is
+  installed.
 
 A malformed record raises `DataError` naming the file, the line, the rule and the fix; with
 ``on_error="report"`` the loader keeps going, collects every bad record and reports them (a warning,
-and the full list through `read_problems`). Records are never skipped silently.
+and the full list through `read_problems`). Records are never skipped silently. A source without a
+single record (an empty file) is an error too.
 """
 
 from __future__ import annotations
@@ -29,11 +32,7 @@ from typing import Any, Literal
 
 from haps.errors import DataError
 
-Task = Literal["hotpotqa", "mmlu"]
 OnError = Literal["raise", "report"]
-TASKS: tuple[str, ...] = ("hotpotqa", "mmlu")
-LETTERS: tuple[str, ...] = ("A", "B", "C", "D")
-DEMO_FILES = {"hotpotqa": "demo_hotpotqa.jsonl", "mmlu": "demo_mmlu.jsonl"}
 # files of the shared data folder (see shared/data/README.md), relative to `data_root()`
 SHARED_FILES = {
     ("hotpotqa", "dev"): "hotpotqa/dev_distractor.jsonl",
@@ -51,14 +50,15 @@ class DataWarning(UserWarning):
 class Problem:
     """One benchmark item.
 
-    ``gold`` is the answer text (HotpotQA) or the letter "A".."D" (MMLU). ``context`` is the list of
+    ``task`` is the name of the workflow whose loader made it. ``gold`` is the reference answer as the
+    workflow scores it (HotpotQA: the answer text; MMLU: the letter "A".."D"). ``context`` is the list of
     (title, [sentence, ...]) paragraphs of a HotpotQA item, sentences as in the source (leading spaces
     kept, so ``"".join(sentences)`` is the paragraph text). ``meta`` holds the rest: for HotpotQA
     ``type``, ``level``, ``supporting_facts``; always ``source`` ("file:line" or "demo"/"hf").
     """
 
     id: str
-    task: Task
+    task: str
     question: str
     gold: str
     choices: list[str] | None = None
@@ -80,15 +80,8 @@ class Problem:
         return [(t, "".join(sents)) for t, sents in (self.context or [])]
 
     def to_record(self) -> dict[str, Any]:
-        """The record in the shared JSONL format of its task (inverse of the loader)."""
-        if self.task == "mmlu":
-            return {"id": self.id, "subject": self.subject, "question": self.question,
-                    "choices": list(self.choices or []), "answer": self.gold}
-        rec = {"id": self.id, "question": self.question, "answer": self.gold,
-               "type": self.meta.get("type"), "level": self.meta.get("level"),
-               "supporting_facts": [list(x) for x in self.meta.get("supporting_facts", [])],
-               "context": [[t, list(s)] for t, s in (self.context or [])]}
-        return rec
+        """The record in its workflow's JSONL format (inverse of the loader)."""
+        return _workflow_class(self.task).dump_record(self)
 
 
 @dataclass
@@ -112,109 +105,53 @@ class LoadReport:
 
 
 # --------------------------------------------------------------------------- record validation
+# helpers for `Workflow.load_record` implementations: each raises DataError saying what is wrong
 
 
-class _Bad(Exception):
-    """Internal: one record is invalid (the message says why and how to fix it)."""
-
-
-def _need(rec: dict, key: str, kind: type | tuple[type, ...], what: str) -> Any:
+def need(rec: dict, key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    """``rec[key]``, which must exist and be of type ``kind`` (``what`` says what it holds)."""
     if key not in rec:
-        raise _Bad(f"missing field {key!r} ({what}); every record needs it")
+        raise DataError(f"missing field {key!r} ({what}); every record needs it")
     val = rec[key]
     if not isinstance(val, kind):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise _Bad(f"field {key!r} must be {names} ({what}), got {type(val).__name__}: {str(val)[:60]!r}")
+        raise DataError(f"field {key!r} must be {names} ({what}), got {type(val).__name__}: {str(val)[:60]!r}")
     return val
 
 
-def _nonempty_str(rec: dict, key: str, what: str) -> str:
-    val = _need(rec, key, str, what)
+def need_text(rec: dict, key: str, what: str) -> str:
+    """``rec[key]`` as a non-empty string."""
+    val = need(rec, key, str, what)
     if not val.strip():
-        raise _Bad(f"field {key!r} is empty ({what}); give a non-empty string")
+        raise DataError(f"field {key!r} is empty ({what}); give a non-empty string")
     return val
 
 
-def _hotpot_from_hf_layout(rec: dict) -> dict:
-    """Accept the Hugging Face column layout: context {title: [...], sentences: [[...]]}."""
-    out = dict(rec)
-    if "_id" in out and "id" not in out:
-        out["id"] = out.pop("_id")
-    ctx = out.get("context")
-    if isinstance(ctx, dict) and "title" in ctx and "sentences" in ctx:
-        out["context"] = [[t, s] for t, s in zip(ctx["title"], ctx["sentences"], strict=False)]
-    sf = out.get("supporting_facts")
-    if isinstance(sf, dict) and "title" in sf and "sent_id" in sf:
-        out["supporting_facts"] = [[t, i] for t, i in zip(sf["title"], sf["sent_id"], strict=False)]
-    return out
+def _workflow_class(task: str):
+    """The workflow class that owns ``task``'s data format; an unknown task is a DataError here."""
+    from haps.errors import ConfigError
+    from haps.workflows.loader import load_workflow_class
 
-
-def _parse_hotpotqa(rec: dict) -> Problem:
-    rec = _hotpot_from_hf_layout(rec)
-    pid = _need(rec, "id", (str, int), "the question id")
-    question = _nonempty_str(rec, "question", "the question text")
-    answer = _need(rec, "answer", str, "the gold answer text")
-    ctx = _need(rec, "context", list, "[[title, [sentence, ...]], ...] paragraphs")
-    if not ctx:
-        raise _Bad("field 'context' is empty; a distractor item needs its paragraphs [[title, [sentence, ...]], ...]")
-    context: list[tuple[str, list[str]]] = []
-    for j, para in enumerate(ctx):
-        ok = (isinstance(para, list | tuple) and len(para) == 2 and isinstance(para[0], str)
-              and isinstance(para[1], list) and all(isinstance(s, str) for s in para[1]))
-        if not ok:
-            raise _Bad(f"context[{j}] must be [title, [sentence, ...]], got {str(para)[:80]!r}")
-        context.append((para[0], list(para[1])))
-    sf = rec.get("supporting_facts", [])
-    if not isinstance(sf, list) or not all(
-        isinstance(x, list | tuple) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], int) for x in sf
-    ):
-        raise _Bad("field 'supporting_facts' must be [[title, sentence_index], ...]")
-    titles = {t for t, _ in context}
-    missing = sorted({t for t, _ in sf} - titles)
-    if missing:
-        raise _Bad(f"supporting_facts name titles absent from the context: {missing}; "
-                   "this is not a distractor-setting item (its gold paragraphs must be in 'context')")
-    meta = {"type": rec.get("type"), "level": rec.get("level"), "supporting_facts": [(t, i) for t, i in sf]}
-    return Problem(id=str(pid), task="hotpotqa", question=question, gold=answer, context=context, meta=meta)
-
-
-def _parse_mmlu(rec: dict) -> Problem:
-    pid = _need(rec, "id", (str, int), "the question id, e.g. 'anatomy/test/3'")
-    question = _nonempty_str(rec, "question", "the question text")
-    subject = _need(rec, "subject", str, "the MMLU subject, e.g. 'anatomy'")
-    choices = _need(rec, "choices", list, "the 4 answer options")
-    if len(choices) != 4 or not all(isinstance(c, str) for c in choices):
-        raise _Bad(f"field 'choices' must hold exactly 4 strings (options A-D), got {len(choices)}: "
-                   f"{str(choices)[:80]!r}")
-    answer = rec.get("answer")
-    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < 4:
-        answer = LETTERS[answer]  # Hugging Face / CSV style 0..3
-    if not isinstance(answer, str) or answer.strip().upper() not in LETTERS:
-        raise _Bad(f"field 'answer' must be a letter A-D (or an index 0-3), got {answer!r}")
-    return Problem(id=str(pid), task="mmlu", question=question, gold=answer.strip().upper(), choices=list(choices),
-                   subject=subject, meta={})
-
-
-_PARSERS = {"hotpotqa": _parse_hotpotqa, "mmlu": _parse_mmlu}
+    try:
+        return load_workflow_class(task)
+    except ConfigError as e:
+        raise DataError(str(e)) from e
 
 
 def parse_record(task: str, rec: Any) -> Problem:
-    """One record (a decoded JSON object) -> `Problem`; raises `DataError` naming the rule broken."""
-    _check_task(task)
+    """One record (a decoded JSON object) -> `Problem` by the loader of workflow ``task``; raises
+    `DataError` naming the rule broken."""
+    cls = _workflow_class(task)
     if not isinstance(rec, dict):
         raise DataError(f"a {task} record must be a JSON object, got {type(rec).__name__}")
-    try:
-        return _PARSERS[task](rec)
-    except _Bad as e:
-        raise DataError(str(e)) from None
+    prob = cls.load_record(rec)
+    if not isinstance(prob, Problem):
+        raise DataError(f"workflow {cls.name!r}: load_record returned {type(prob).__name__}, not a Problem; "
+                        "return haps.data.Problem(...)")
+    return prob
 
 
 # --------------------------------------------------------------------------- loaders
-
-
-def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise DataError(f"unknown task {task!r}; choose one of {list(TASKS)}")
 
 
 def _jsonl_files(path: Path) -> list[Path]:
@@ -238,8 +175,12 @@ def _iter_lines(source: str, lines: Iterator[str]) -> Iterator[tuple[str, int, s
 def _demo_lines(task: str) -> Iterator[tuple[str, int, str]]:
     from importlib.resources import files
 
-    text = files("haps.demo_data").joinpath(DEMO_FILES[task]).read_text(encoding="utf-8")
-    yield from _iter_lines(f"haps.demo_data/{DEMO_FILES[task]}", iter(text.splitlines()))
+    cls = _workflow_class(task)
+    if not cls.demo_data:
+        raise DataError(f"workflow {cls.name!r} ships no demo set; pass a JSONL file of problems (--data FILE)")
+    package, _, name = cls.demo_data.partition(":")
+    text = files(package).joinpath(name).read_text(encoding="utf-8")
+    yield from _iter_lines(f"{package}/{name}", iter(text.splitlines()))
 
 
 def _file_lines(files: list[Path]) -> Iterator[tuple[str, int, str]]:
@@ -255,9 +196,10 @@ def read_problems(task: str, path: str | os.PathLike | None = None, limit: int |
     With ``on_error="raise"`` the first bad record raises `DataError` ("<file>:<line>: <what> ...");
     with ``"report"`` all bad records are collected in ``LoadReport.errors`` and the good ones returned.
     Duplicate ids are bad records too (splits are keyed by id). ``limit`` keeps the first ``limit`` good
-    problems in file order (files of a folder in sorted order).
+    problems in file order (files of a folder in sorted order). A source with no record at all (an
+    empty file) raises `DataError`.
     """
-    _check_task(task)
+    _workflow_class(task)  # an unknown task fails here, before any file is read
     if on_error not in ("raise", "report"):
         raise DataError(f"on_error must be 'raise' or 'report', got {on_error!r}")
     if limit is not None and limit < 0:
@@ -265,9 +207,11 @@ def read_problems(task: str, path: str | os.PathLike | None = None, limit: int |
     lines = _demo_lines(task) if path is None else _file_lines(_jsonl_files(Path(path)))
     report = LoadReport(problems=[])
     seen: dict[str, str] = {}
+    n_records = 0
     for source, lineno, line in lines:
         if limit is not None and len(report.problems) >= limit:
             break
+        n_records += 1
         try:
             try:
                 rec = json.loads(line)
@@ -286,18 +230,22 @@ def read_problems(task: str, path: str | os.PathLike | None = None, limit: int |
         prob.meta["source"] = f"{source}:{lineno}"
         seen[prob.id] = prob.meta["source"]
         report.problems.append(prob)
+    if n_records == 0 and limit != 0:
+        where = "the demo set" if path is None else repr(str(path))
+        raise DataError(f"{where} holds no {task} records (empty or blank lines only); give a JSONL file with one "
+                        "JSON object per line")
     return report
 
 
 def load_problems(task: str, path: str | os.PathLike | None = None, limit: int | None = None,
                   on_error: OnError = "raise", sample_seed: int | None = None) -> list[Problem]:
-    """Problems of ``task`` ("hotpotqa" | "mmlu") from ``path`` (a JSONL file or a folder of them).
+    """Problems of workflow ``task`` (a name or ``file.py:Class``) from ``path`` (a JSONL file or a folder).
 
-    ``path=None`` loads the embedded demo set. Bad records raise `DataError` with file and line; with
-    ``on_error="report"`` they are collected and reported in one `DataWarning` (use `read_problems`
-    to get them as a list) and the good problems are returned. With ``sample_seed``, ``limit`` takes a
-    seeded subset spread over the whole file (ordered by a hash of seed and id) instead of the first
-    N: files sorted by subject, like MMLU's, then give a mix of subjects.
+    ``path=None`` loads the workflow's embedded demo set. Bad records raise `DataError` with file and
+    line; with ``on_error="report"`` they are collected and reported in one `DataWarning` (use
+    `read_problems` to get them as a list) and the good problems are returned. With ``sample_seed``,
+    ``limit`` takes a seeded subset spread over the whole file (ordered by a hash of seed and id) instead
+    of the first N: files sorted by subject, like MMLU's, then give a mix of subjects.
     """
     report = read_problems(task, path, limit=None if sample_seed is not None else limit, on_error=on_error)
     if sample_seed is not None and limit is not None:
@@ -326,7 +274,10 @@ def data_root() -> Path:
 
 def shared_file(task: str, split: str) -> Path:
     """Path of a shared data file under `data_root()`, e.g. ``shared_file("mmlu", "test")``."""
-    _check_task(task)
+    tasks = sorted({t for t, _ in SHARED_FILES})
+    if task not in tasks:
+        raise DataError(f"the shared data folder holds no {task!r} files; it has {tasks} (other tasks: pass "
+                        "the file path)")
     key = (task, split)
     if key not in SHARED_FILES:
         valid = [s for t, s in SHARED_FILES if t == task]
@@ -348,7 +299,9 @@ def load_hf(task: str, split: str, limit: int | None = None, on_error: OnError =
     JSONL files instead. MMLU ids are ``<subject>/<split>/<row>`` (row within the subject), as in the
     shared files. ``split`` accepts "dev"/"valid" as aliases of "validation" (HotpotQA).
     """
-    _check_task(task)
+    if task not in HF_DATASETS:
+        raise DataError(f"no Hugging Face dataset is known for task {task!r}; known: {sorted(HF_DATASETS)} (other "
+                        "tasks: export the records to JSONL and use load_problems(task, path))")
     try:
         import datasets  # lazy: optional dependency
     except ImportError:

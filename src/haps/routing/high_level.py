@@ -26,9 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,9 +35,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from haps.errors import ConfigError, ModelLoadError
+from haps.files import atomic_dir
 from haps.models.local import left_pad
 from haps.routing.base import Decision, Router, register_router
-from haps.routing.prompt import RoutingPrompt, parse_assignment
+from haps.routing.prompt import RoutingPrompt, parse_assignment_json
 from haps.routing.space import Assignment, AssignmentSpace
 
 CHECKPOINT_FORMAT = "haps-high-level-router/1"
@@ -189,7 +187,10 @@ class HighLevelRouter(Router):
             tok = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         except OSError as e:
-            raise ModelLoadError(f"router backbone {config.backbone!r}: cannot load from {path!r}: {e}") from e
+            hint = "" if ref["kind"] == "pool" else (
+                f" It is not a model of pool {config.backbone_pool!r} either; name one of that pool's models or an "
+                "existing folder / hub id.")
+            raise ModelLoadError(f"router backbone {config.backbone!r}: cannot load from {path!r}: {e}.{hint}") from e
         return cls(model, tok, space, config, backbone_ref=ref)
 
     @classmethod
@@ -331,7 +332,7 @@ class HighLevelRouter(Router):
     def free_form_parse_rate(self, prompts: Sequence[RoutingPrompt], max_new_tokens: int = 32) -> dict[str, Any]:
         """Share of greedy free-form answers that parse to a valid assignment (no fallback to model 0)."""
         texts = self.free_form(prompts, max_new_tokens)
-        parsed = [parse_assignment(t, self.space) for t in texts]
+        parsed = [parse_assignment_json(t, self.space) for t in texts]
         ok = sum(p is not None for p in parsed)
         return {"n": len(texts), "parsed": ok, "rate": ok / len(texts) if texts else math.nan,
                 "examples": texts[:5], "assignments": parsed}
@@ -340,9 +341,7 @@ class HighLevelRouter(Router):
     def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
         """safetensors weights + JSON config (never pickle), written to a temp folder then renamed."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             lora = _is_peft(self.model)
             base_saved = not (lora and self.backbone_ref is not None and self.backbone_ref.get("kind") == "pool")
             if lora:
@@ -358,17 +357,6 @@ class HighLevelRouter(Router):
                 "backbone_ref": self.backbone_ref, "base_saved": base_saved, "lora": lora, "meta": meta or {},
             }
             (tmp / "router.json").write_text(json.dumps(info, indent=2) + "\n")
-            old = None
-            if path.exists():
-                old = path.with_name(path.name + ".old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
 
@@ -392,11 +380,8 @@ def _resolve_backbone(config: HighLevelRouterConfig) -> tuple[str, dict[str, Any
     """(from_pretrained path, reference recorded in checkpoints)."""
     from haps.config import load_pool
 
-    try:
-        pool = load_pool(config.backbone_pool)
-    except ConfigError:
-        pool = None
-    if pool is not None and config.backbone in pool.names:
+    pool = load_pool(config.backbone_pool)  # a mistyped pool is an error, never a hub id
+    if config.backbone in pool.names:
         from haps.config import cache_root
         from haps.models.sources import resolve
 

@@ -6,7 +6,7 @@ object ``{"<role_0>": <id>, "<role_1>": <id>, ...}`` whose keys are the workflow
 Nothing here names a model, a task or a role: all of it comes from the workflow and the pool.
 
 ``assignment_json`` writes the canonical answer string the router is trained on and scored with;
-``parse_assignment`` reads a free-form answer back and returns None (never a default) when it is not a
+``parse_assignment_json`` reads a free-form answer back and returns None (never a default) when it is not a
 valid assignment.
 """
 
@@ -135,7 +135,7 @@ def assignment_json(assignment_ids: Sequence[int] | Mapping[str, int], roles: Se
 _OBJ = re.compile(r"\{[^{}]*\}")
 
 
-def parse_assignment(text: str, space: AssignmentSpace) -> Assignment | None:
+def parse_assignment_json(text: str, space: AssignmentSpace) -> Assignment | None:
     """The first JSON object in ``text`` that is a valid assignment, else None.
 
     Valid: exactly the space's roles as keys, each an integer (not bool, not a string) in range.

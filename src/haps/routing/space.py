@@ -100,8 +100,34 @@ class AssignmentSpace:
         return ",".join(f"{r}={names[r]}" for r in self.roles)
 
     def from_key(self, key: str) -> Assignment:
-        try:
-            pairs = dict(p.split("=", 1) for p in key.split(","))
-        except ValueError as e:
-            raise ConfigError(f"malformed assignment key {key!r}; expected role=model,role=model.") from e
-        return self.from_names(pairs)
+        """Inverse of ``key`` (any role order); see `parse_assignment` for the errors."""
+        return self.from_names(parse_assignment(key, self.roles, self.models))
+
+
+def parse_assignment(text: str, roles: Sequence[str], models: Sequence[str], *,
+                     what: str = "assignment") -> dict[str, str]:
+    """The one parser of assignment text: ``"teacher=m0,student=m1"`` -> ``{"teacher": "m0", "student": "m1"}``
+    (keys in ``roles`` order). Every role exactly once, every model one of ``models``; anything else
+    raises ConfigError naming ``what`` (e.g. ``"--assign"``), the problem and the fix: a malformed pair,
+    an unknown or repeated role, an unknown model, or the missing roles."""
+    example = ",".join(f"{r}={models[min(i, len(models) - 1)]}" for i, r in enumerate(roles)) if models else ""
+    got: dict[str, str] = {}
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        role, sep, model = (s.strip() for s in part.partition("="))
+        if not sep or not role or not model:
+            raise ConfigError(f"{what}: expected ROLE=MODEL pairs separated by commas, got {part!r} "
+                              f"(e.g. {example}).")
+        if role not in roles:
+            raise ConfigError(f"{what}: unknown role {role!r}; the roles are {list(roles)}.")
+        if role in got:
+            raise ConfigError(f"{what}: role {role!r} is assigned twice; give each role once (e.g. {example}).")
+        if model not in models:
+            raise ConfigError(f"{what}: unknown model {model!r} for role {role!r}; the pool has {list(models)}.")
+        got[role] = model
+    missing = [r for r in roles if r not in got]
+    if missing:
+        raise ConfigError(f"{what}: no model for role(s) {missing}; give one per role (e.g. {example}).")
+    return {r: got[r] for r in roles}

@@ -4,14 +4,17 @@ record r(p, z).
 For each chunk of problems all their pending (problem, z) pairs go to the lockstep runner at once, so
 each model gets large batches. Output folder::
 
-    DIR/manifest.json        the arguments, the pool and the workflow options (checked on resume)
+    DIR/manifest.json        the arguments, the pool and the workflow options (checked on resume: the
+                             fields that change results, `RESULT_FIELDS`, must match)
     DIR/actions.jsonl        one JSON per (problem, z): problem_id, split, assignment, reward, score, ...
     DIR/episodes/*.jsonl     the runner's episode logs; each action points at its file and episode id
 
 Resumable: records are appended one line at a time with flush + fsync; at start-up a torn last line
 (a kill mid-write) is cut off, done (problem, z) keys are skipped, and a resumed run whose arguments
-differ from the manifest's fails with the differences listed. Killed at any point and restarted with
-the same arguments, the run ends with every (problem, z) recorded exactly once.
+differ from the manifest's in a field that changes results fails with the differences listed (settings
+that only change how the run goes, `RUN_FIELDS`, may differ). Killed at any point and restarted with the
+same arguments, the run ends with every (problem, z) recorded exactly once. A run that fails before its
+first record removes the folder's files it created.
 """
 
 from __future__ import annotations
@@ -20,16 +23,18 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from haps.errors import ConfigError, DataError
-from haps.files import write_json_atomic
+from haps.files import JsonlAppender, read_jsonl, repair_jsonl, write_json_atomic
+from haps.progress import progress_bar
 from haps.routing.space import Assignment, AssignmentSpace
 
 ACTIONS = "actions.jsonl"
@@ -42,7 +47,8 @@ class CollectConfig(BaseModel):
     """Everything that determines the content of an action-level data folder."""
 
     model_config = ConfigDict(extra="forbid")
-    task: str = Field(description="Workflow / benchmark name: hotpotqa | mmlu.")
+    task: str = Field(description="Workflow: a registered name (hotpotqa | mmlu), a plugin, or "
+                      "path/to/file.py:ClassName (recorded with an absolute path).")
     data: str | None = Field(default=None, description="JSONL file or folder of problems (None: embedded demo set).")
     limit: int | None = Field(default=None, ge=1, description="Use N problems of the file (the first N, or a "
                               "seeded spread-out subset with problem_seed).")
@@ -60,47 +66,54 @@ class CollectConfig(BaseModel):
     split_fractions: tuple[float, float, float] = Field(default=(0.6, 0.2, 0.2), description="train/valid/test "
                                                         "fractions recorded with each action (split by id).")
     split_seed: int = Field(default=0, description="Seed of the train/valid/test split.")
-    reward_kind: str = Field(default="score", description="Reward recorded at collection: score | shaped "
-                             "(tradeoff rewards need a cost normaliser and are recomputed downstream).")
+    reward_kind: Literal["score", "shaped"] = Field(default="score", description="Reward recorded at collection: "
+                                                   "score | shaped (tradeoff rewards need a cost normaliser and "
+                                                   "are recomputed downstream, e.g. haps eval-lookup --reward-kind).")
     chunk_size: int = Field(default=8, ge=1, description="Problems per lockstep runner call (all their "
                             "assignments at once).")
+
+    @field_validator("task")
+    @classmethod
+    def _canonical_task(cls, v: str) -> str:
+        from haps.workflows.loader import canonical_spec
+
+        return canonical_spec(v)
+
+
+#: The CollectConfig fields that change what a collection records, with the reason; a resume compares
+#: exactly these with the manifest (every field is in this list or in RUN_FIELDS; a test holds it).
+RESULT_FIELDS: dict[str, str] = {
+    "task": "the workflow that plays every episode",
+    "data": "the problems",
+    "limit": "how many problems",
+    "problem_seed": "which problems a limit picks",
+    "pool": "the models (their specs are compared too, under 'pool')",
+    "workflow_options": "how every episode is played (budget, rounds, summaries, ...)",
+    "max_new_tokens": "what every generation can say",
+    "temperature": "what every generation says",
+    "sample": "which assignments are run in large spaces",
+    "max_enumerate": "whether assignments are enumerated or sampled",
+    "seed": "the sampled assignments and the agents' sampling",
+    "split_fractions": "the split recorded with every action",
+    "split_seed": "the split recorded with every action",
+    "reward_kind": "the reward recorded with every action",
+}
+#: CollectConfig fields that change how a run goes, not what it records (free to change on resume).
+RUN_FIELDS: dict[str, str] = {
+    "chunk_size": "batching only; a resumed run chunks the remaining problems anew anyway",
+}
+#: Model-spec / pool fields that change how calls are made, not what they return (not compared on resume).
+POOL_RUN_FIELDS: dict[str, str] = {
+    "cache_dir": "where converted weights are cached",
+    "timeout_s": "API client timeout",
+    "max_retries": "API client retries",
+    "max_concurrency": "API requests in flight",
+}
 
 
 # ------------------------------------------------------------------------------------------- files
 def record_key(problem_id: str, assignment_key: str) -> str:
     return f"{problem_id}\t{assignment_key}"
-
-
-def repair_jsonl(path: Path) -> int:
-    """Cut a torn last line (no trailing newline or not valid JSON) off ``path``; returns bytes removed.
-
-    Only the last line can be torn (records are appended whole and fsynced); a bad line elsewhere is
-    corruption and raises DataError naming the line.
-    """
-    if not path.exists():
-        return 0
-    data = path.read_bytes()
-    keep = data.rfind(b"\n") + 1  # bytes up to and including the last newline
-    lines = data[:keep].split(b"\n")[:-1]
-    if lines:
-        try:
-            json.loads(lines[-1])
-        except json.JSONDecodeError:  # a complete-looking but torn last line: drop it too
-            keep -= len(lines[-1]) + 1
-            lines = lines[:-1]
-    for i, ln in enumerate(lines):
-        try:
-            json.loads(ln)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i + 1}: not valid JSON ({e.msg}); only a torn last line is repaired. "
-                            "Fix or remove that line.") from None
-    removed = len(data) - keep
-    if removed:
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-            f.flush()
-            os.fsync(f.fileno())
-    return removed
 
 
 def read_actions(path: str | Path) -> list[dict[str, Any]]:
@@ -110,41 +123,7 @@ def read_actions(path: str | Path) -> list[dict[str, Any]]:
         p = p / ACTIONS
     if not p.exists():
         raise DataError(f"no action-level data at {str(p)!r}; run `haps collect --out DIR` first.")
-    out = []
-    with open(p, "rb") as f:
-        lines = f.read().split(b"\n")
-    for i, ln in enumerate(lines):
-        if not ln.strip():
-            continue
-        try:
-            out.append(json.loads(ln))
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:  # torn tail of a run in progress or killed
-                break
-            raise DataError(f"{p}:{i + 1}: not valid JSON ({e.msg}).") from None
-    return out
-
-
-class JsonlAppender:
-    """Append one JSON object per line with flush + fsync (a kill loses at most the line in flight)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.f = open(path, "a", encoding="utf-8")  # noqa: SIM115
-
-    def write(self, rec: dict[str, Any]) -> None:
-        self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        self.f.flush()
-        os.fsync(self.f.fileno())
-
-    def close(self) -> None:
-        self.f.close()
-
-    def __enter__(self) -> JsonlAppender:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    return read_jsonl(p)
 
 
 # ------------------------------------------------------------------------------------------- plan
@@ -182,14 +161,27 @@ def _pool_dump(pool) -> Any:
     return {"models": [getattr(m, "name", str(m)) for m in getattr(cfg, "models", [])]}
 
 
+def _result_view(section: str, value: Any) -> Any:
+    """The part of a manifest section that changes results (see RESULT_FIELDS and POOL_RUN_FIELDS)."""
+    if section == "config" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k in RESULT_FIELDS}
+    if section == "pool" and isinstance(value, dict):
+        out = {k: v for k, v in value.items() if k not in POOL_RUN_FIELDS}
+        if isinstance(out.get("models"), list):
+            out["models"] = [{k: v for k, v in m.items() if k not in POOL_RUN_FIELDS} if isinstance(m, dict) else m
+                             for m in out["models"]]
+        return out
+    return value
+
+
 def _check_manifest(path: Path, want: dict[str, Any]) -> dict[str, Any]:
-    """Existing manifest must match ``want`` on config and pool; returns the manifest to write."""
+    """An existing manifest must match ``want`` on what changes results; returns the manifest to write."""
     if not path.exists():
         return dict(want, runs=[])
     have = json.loads(path.read_text())
     diffs = []
     for section in ("config", "pool", "roles"):
-        a, b = have.get(section), want.get(section)
+        a, b = _result_view(section, have.get(section)), _result_view(section, want.get(section))
         if a == b:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
@@ -200,7 +192,7 @@ def _check_manifest(path: Path, want: dict[str, Any]) -> dict[str, Any]:
             diffs.append(f"{section}: recorded {a!r}, now {b!r}")
     if diffs:
         raise ConfigError(f"{path.parent} holds a collection made with other arguments; resume with the same "
-                          "arguments or use another --out. Differences:\n  " + "\n  ".join(diffs))
+                          "arguments or use another --out. Differences: " + "; ".join(diffs))
     return have
 
 
@@ -214,6 +206,24 @@ def default_sampling(cfg: CollectConfig):
     return Sampling(**kw)
 
 
+def plan_splits(problems: Sequence, cfg: CollectConfig, stratify_by: str | None, *,
+                require_all: bool = False) -> dict[str, str]:
+    """problem id -> "train" | "valid" | "test" (`haps.data.split_problems` with the config's fractions
+    and seed). ``require_all``: a split with a positive fraction that gets no problem is a DataError
+    (too few problems to train, validate and test)."""
+    from haps.data import split_problems
+
+    parts = split_problems(problems, cfg.split_fractions, cfg.split_seed, stratify_by=stratify_by)
+    if require_all:
+        empty = [name for name, frac in zip(("train", "valid", "test"), cfg.split_fractions, strict=True)
+                 if frac > 0 and not parts[name]]
+        if empty:
+            raise DataError(f"{len(problems)} problem(s) leave the {'/'.join(empty)} split empty (split_fractions "
+                            f"{list(cfg.split_fractions)}); use more problems (--limit, --data) or give that split "
+                            "the fraction 0 (split_fractions in --config).")
+    return {p.id: name for name, ps in parts.items() for p in ps}
+
+
 def collect(cfg: CollectConfig, out: str | Path, *, problems: Sequence | None = None, pool=None, workflow=None,
             runner: Callable | None = None, sampling: Any = None, progress: bool = True,
             job_factory: Callable | None = None,
@@ -222,27 +232,25 @@ def collect(cfg: CollectConfig, out: str | Path, *, problems: Sequence | None = 
 
     ``problems``, ``pool``, ``workflow``, ``runner`` and ``sampling`` default to the real ones built from
     ``cfg``; tests inject small stand-ins. ``runner(pool, workflow, jobs, sampling=..., log_path=...,
-    progress=...)`` must return one EpisodeResult per job, in job order.
+    progress=...)`` must return one EpisodeResult per job, in job order. Problems loaded from ``cfg``
+    must fill every split with a positive fraction (`plan_splits`); injected ones are taken as given.
     """
     t0 = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.reward_kind not in ("score", "shaped"):
-        raise ConfigError(f"reward_kind {cfg.reward_kind!r} cannot be recorded at collection; use 'score' or "
-                          "'shaped' (tradeoff rewards are recomputed from score and cost downstream).")
+    loaded = problems is None
     if problems is None:
         from haps.data import load_problems
 
         problems = load_problems(cfg.task, cfg.data, cfg.limit, sample_seed=cfg.problem_seed)
+    if workflow is None:
+        from haps.workflows.base import get_workflow
+
+        workflow = get_workflow(cfg.task, **cfg.workflow_options)
     if pool is None:
         from haps.config import load_pool
         from haps.models.pool import ModelPool
 
         pool = ModelPool(load_pool(cfg.pool))
-    if workflow is None:
-        from haps.workflows.base import get_workflow
-
-        workflow = get_workflow(cfg.task, **cfg.workflow_options)
     if runner is None:
         from haps.workflows.runner import run_episodes as runner
     if sampling is None:
@@ -250,26 +258,28 @@ def collect(cfg: CollectConfig, out: str | Path, *, problems: Sequence | None = 
     names = [m.name for m in pool.config.models]
     space = AssignmentSpace.of(workflow.roles, names)
 
-    from haps.data import split_problems
     from haps.metrics import RewardConfig
 
     reward_cfg = RewardConfig(kind=cfg.reward_kind)
-    strat = "subject" if cfg.task == "mmlu" else None
-    split_of = {p.id: name for name, ps in split_problems(problems, cfg.split_fractions, cfg.split_seed,
-                                                          stratify_by=strat).items() for p in ps}
+    split_of = plan_splits(problems, cfg, workflow.stratify_by, require_all=loaded)
 
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
     manifest_p = out / MANIFEST
+    fresh = not manifest_p.exists()
     want = {"format": FORMAT, "config": cfg.model_dump(mode="json"), "pool": _pool_dump(pool),
             "roles": list(space.roles), "models": names, "n_problems": len(problems)}
     manifest = _check_manifest(manifest_p, want)
     run_no = len(manifest.get("runs", []))
-    manifest["runs"] = manifest.get("runs", []) + [{"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid()}]
+    run = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid()}
+    run.update({k: getattr(cfg, k) for k in RUN_FIELDS})
+    manifest["runs"] = manifest.get("runs", []) + [run]
     write_json_atomic(manifest_p, manifest)
+    (out / EPISODES).mkdir(exist_ok=True)
 
     actions_p = out / ACTIONS
     repaired = repair_jsonl(actions_p)
     done = {record_key(r["problem_id"], r["key"]) for r in read_actions(actions_p)} if actions_p.exists() else set()
-    (out / EPISODES).mkdir(exist_ok=True)
 
     plan = [(p, z) for p in problems for z in assignments_for(space, p.id, cfg)]
     todo = [(p, z) for p, z in plan if record_key(p.id, space.key(z)) not in done]
@@ -284,36 +294,58 @@ def collect(cfg: CollectConfig, out: str | Path, *, problems: Sequence | None = 
         job_factory = _episode_job
 
     written = 0
-    bar = _progress(progress)
-    with bar, JsonlAppender(actions_p) as app:
-        task_id = bar.add_task(f"collect {cfg.task}", total=len(plan), completed=done_before)
-        for ci, chunk in enumerate(chunks):
-            jobs = [job_factory(p, space.to_names(z)) for p, z in chunk]
-            log_name = f"{EPISODES}/run{run_no:03d}-chunk{ci:05d}.jsonl"
-            results = runner(pool, workflow, jobs, sampling=sampling, log_path=out / log_name, seed=cfg.seed,
-                             progress=False)
-            if len(results) != len(jobs):
-                raise ConfigError(f"runner returned {len(results)} results for {len(jobs)} jobs.")
-            lines = _log_lines(out / log_name)
-            for (p, z), res in zip(chunk, results, strict=False):
-                ptr: dict[str, Any] = {"file": log_name, "id": str(res.id)}
-                line = lines.get((str(res.id), space.key(z)))
-                if line is not None:
-                    ptr["line"] = line
-                rec = {
-                    "problem_id": p.id, "split": split_of.get(p.id), "key": space.key(z),
-                    "assignment": space.to_names(z), "assignment_ids": list(z),
-                    "reward": reward_cfg.compute(float(res.score), float(res.cost)),
-                    "score": float(res.score), "em": float(getattr(res, "em", 0.0)),
-                    "tokens_in": int(res.tokens_in), "tokens_out": int(res.tokens_out), "cost": float(res.cost),
-                    "episode_log": ptr,
-                }
-                app.write(rec)
-                written += 1
-                if on_record is not None:
-                    on_record(rec)
-            bar.advance(task_id, len(chunk))
+    try:
+        with progress_bar(progress) as bar, JsonlAppender(actions_p) as app:
+            task_id = bar.add_task(f"collect {workflow.name}", total=len(plan), completed=done_before)
+            for ci, chunk in enumerate(chunks):
+                jobs = [job_factory(p, space.to_names(z)) for p, z in chunk]
+                log_name = f"{EPISODES}/run{run_no:03d}-chunk{ci:05d}.jsonl"
+                results = runner(pool, workflow, jobs, sampling=sampling, log_path=out / log_name, seed=cfg.seed,
+                                 progress=False)
+                if len(results) != len(jobs):
+                    raise ConfigError(f"runner returned {len(results)} results for {len(jobs)} jobs.")
+                lines = _log_lines(out / log_name)
+                for (p, z), res in zip(chunk, results, strict=False):
+                    rec = _record(p, z, res, space, split_of, reward_cfg, log_name, lines)
+                    app.write(rec)
+                    written += 1
+                    if on_record is not None:
+                        on_record(rec)
+                bar.advance(task_id, len(chunk))
+    except BaseException:
+        if fresh and written == 0 and done_before == 0:  # nothing collected: leave nothing behind
+            _remove_fresh(out, created)
+        raise
     return CollectSummary(out, len(plan), done_before, written, repaired, time.perf_counter() - t0)
+
+
+def _record(p, z: Assignment, res, space: AssignmentSpace, split_of: dict[str, str], reward_cfg, log_name: str,
+            lines: dict[tuple[str, str], int]) -> dict[str, Any]:
+    """The actions.jsonl line of one finished episode."""
+    ptr: dict[str, Any] = {"file": log_name, "id": str(res.id)}
+    line = lines.get((str(res.id), space.key(z)))
+    if line is not None:
+        ptr["line"] = line
+    return {
+        "problem_id": p.id, "split": split_of.get(p.id), "key": space.key(z),
+        "assignment": space.to_names(z), "assignment_ids": list(z),
+        "reward": reward_cfg.compute(float(res.score), float(res.cost)),
+        "score": float(res.score), "em": float(getattr(res, "em", 0.0)),
+        "tokens_in": int(res.tokens_in), "tokens_out": int(res.tokens_out), "cost": float(res.cost),
+        "episode_log": ptr,
+    }
+
+
+def _remove_fresh(out: Path, created: bool) -> None:
+    """Undo a fresh collection that recorded nothing: its manifest, episode logs and the folder itself."""
+    (out / MANIFEST).unlink(missing_ok=True)
+    (out / ACTIONS).unlink(missing_ok=True)
+    shutil.rmtree(out / EPISODES, ignore_errors=True)
+    if created:
+        try:
+            out.rmdir()  # only when empty
+        except OSError:
+            pass
 
 
 def _log_lines(path: Path) -> dict[tuple[str, str], int]:
@@ -334,20 +366,6 @@ def _episode_job(problem, assignment: dict[str, str]):
     return EpisodeJob(problem=problem, assignment=assignment, adapters=None)
 
 
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("eta"), TimeRemainingColumn(), disable=not enabled)
-
-
 def problem_splits(records: Iterable[dict[str, Any]]) -> dict[str, str]:
     """problem_id -> split as recorded."""
     return {r["problem_id"]: r.get("split") for r in records}
@@ -355,15 +373,22 @@ def problem_splits(records: Iterable[dict[str, Any]]) -> dict[str, str]:
 
 @dataclass
 class Collection:
-    """An action-level data folder opened for training or evaluation."""
+    """An action-level data folder opened for training or evaluation. ``workflow_spec`` overrides the
+    recorded workflow (e.g. a ``file.py:Class`` that has moved since collection)."""
 
     path: Path
     manifest: dict[str, Any]
     records: list[dict[str, Any]]
+    workflow_spec: str | None = None
 
     @property
     def config(self) -> CollectConfig:
         return CollectConfig.model_validate(self.manifest["config"])
+
+    @property
+    def task(self) -> str:
+        """The workflow spec the problems and prompts are rebuilt with."""
+        return self.workflow_spec or self.config.task
 
     @property
     def space(self) -> AssignmentSpace:
@@ -378,14 +403,14 @@ class Collection:
     def workflow(self):
         from haps.workflows.base import get_workflow
 
-        return get_workflow(self.config.task, **self.config.workflow_options)
+        return get_workflow(self.task, **self.config.workflow_options)
 
     def problems(self) -> list:
         """The collection's problems, reloaded from the recorded data path and limit."""
         from haps.data import load_problems
 
         c = self.config
-        return load_problems(c.task, c.data, c.limit, sample_seed=c.problem_seed)
+        return load_problems(self.task, c.data, c.limit, sample_seed=c.problem_seed)
 
     def split_ids(self, split: str | None) -> list[str]:
         seen: dict[str, None] = {}
@@ -395,9 +420,13 @@ class Collection:
         return list(seen)
 
 
-def open_collection(path: str | Path) -> Collection:
+def open_collection(path: str | Path, workflow: str | None = None) -> Collection:
+    """The folder written by `collect`; ``workflow`` (a spec) overrides the recorded workflow."""
+    from haps.workflows.loader import canonical_spec
+
     p = Path(path)
     m = p / MANIFEST
     if not m.exists():
         raise DataError(f"{str(p)!r} has no {MANIFEST}; pass a folder written by `haps collect`.")
-    return Collection(p, json.loads(m.read_text()), read_actions(p))
+    return Collection(p, json.loads(m.read_text()), read_actions(p),
+                      workflow_spec=canonical_spec(workflow) if workflow else None)

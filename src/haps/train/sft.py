@@ -10,7 +10,6 @@ safetensors + JSON.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -23,9 +22,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from haps.errors import ConfigError
-from haps.routing.high_level import HighLevelRouter, HighLevelRouterConfig, RouterLoraConfig
+from haps.files import write_json_atomic
+from haps.progress import progress_bar
+from haps.routing.high_level import HighLevelRouter, HighLevelRouterConfig
 from haps.routing.prompt import RoutingPrompt
 from haps.routing.space import Assignment
+from haps.train.warmup import Balance, TiePolicy
 
 
 class SFTConfig(BaseModel):
@@ -40,12 +42,14 @@ class SFTConfig(BaseModel):
     warmup_ratio: float = Field(default=0.1, ge=0, le=1, description="Share of steps with linear warm-up.")
     max_grad_norm: float | None = Field(default=1.0, gt=0, description="Gradient clipping (None: off).")
     seed: int = Field(default=0, description="Shuffling seed.")
-    tie: str = Field(default="random", description="Warm-up tie policy: all | random | first.")
+    tie: TiePolicy = Field(default="random", description="Warm-up tie policy: all | random | first.")
     drop_all_zero: bool = Field(default=False, description="Drop problems no assignment solved.")
-    balance: str = Field(default="none", description="Warm-up class balance: none | undersample | oversample.")
+    balance: Balance = Field(default="none", description="Warm-up class balance: none | undersample | oversample.")
     train_split: str = Field(default="train", description="Split the warm-up set comes from.")
     valid_split: str = Field(default="valid", description="Split used for validation by lookup.")
     valid_limit: int | None = Field(default=None, ge=1, description="Validate on the first N problems only.")
+    workflow: str | None = Field(default=None, description="Workflow spec overriding the collection's recorded "
+                                 "one (a name or path/to/file.py:ClassName), e.g. after moving the file.")
     router: HighLevelRouterConfig = Field(default_factory=HighLevelRouterConfig)
 
 
@@ -142,8 +146,6 @@ class SFTRecipe:
     def train(self, progress: bool = True, on_best=None) -> list[EpochLog]:
         """Train for ``cfg.epochs``; ``on_best(recipe)`` is called whenever validation improves (and
         at the end when there is no validation set)."""
-        from haps.train.collect import _progress
-
         bs, acc = self.cfg.batch_size, self.cfg.grad_accum
         v0 = self.validate()
         self.history.append(EpochLog(0, 0, math.nan, v0))
@@ -151,7 +153,7 @@ class SFTRecipe:
             self.best = {"epoch": 0, **v0}
             if on_best:
                 on_best(self)
-        bar = _progress(progress)
+        bar = progress_bar(progress)
         with bar:
             task = bar.add_task("sft", total=self.total_steps)
             for epoch in range(1, self.cfg.epochs + 1):
@@ -199,11 +201,10 @@ def build_datasets(actions: str | Path, cfg: SFTConfig):
     from haps.train.collect import open_collection
     from haps.train.warmup import build_warmup
 
-    col = open_collection(actions)
+    col = open_collection(actions, workflow=cfg.workflow)
     space = col.space
-    examples, stats = build_warmup(col.records, split=cfg.train_split, tie=cfg.tie,  # type: ignore[arg-type]
-                                   drop_all_zero=cfg.drop_all_zero, balance=cfg.balance,  # type: ignore[arg-type]
-                                   seed=cfg.seed)
+    examples, stats = build_warmup(col.records, split=cfg.train_split, tie=cfg.tie,
+                                   drop_all_zero=cfg.drop_all_zero, balance=cfg.balance, seed=cfg.seed)
     wf = col.workflow()
     pool_cfg = col.pool_config()
     problems = {p.id: p for p in col.problems()}
@@ -240,9 +241,5 @@ def run_sft(actions: str | Path, out: str | Path, cfg: SFTConfig, progress: bool
     recipe.setup(router, train, valid)
     meta = {"actions": str(actions), "warmup": stats.to_dict()}
     recipe.train(progress=progress, on_best=lambda r: r.save_checkpoint(out, meta))
-    Path(out, "history.json").write_text(json.dumps([h.__dict__ for h in recipe.history], indent=2) + "\n")
+    write_json_atomic(Path(out, "history.json"), [h.__dict__ for h in recipe.history])
     return recipe
-
-
-def lora_config(enabled: bool, r: int = 8, alpha: float = 16.0) -> RouterLoraConfig | None:
-    return RouterLoraConfig(r=r, alpha=alpha) if enabled else None

@@ -16,13 +16,14 @@ episodes and send them to each model as one batch (paper, Appendix E.2).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from haps.errors import ConfigError
+from haps.data import Problem, need, need_text
+from haps.errors import ConfigError, DataError
 from haps.models.types import Generation, GenRequest
 from haps.registry import class_registrar
 
@@ -125,12 +126,69 @@ class EpisodeState:
 
 
 class Workflow(ABC):
-    """A multi-agent system as a per-episode state machine (see the module docstring)."""
+    """A multi-agent system as a per-episode state machine (see the module docstring), and the task it
+    solves: its data format (`load_record` / `dump_record`), its metric, how collection stratifies its
+    splits and its options. Built-in workflows register by name (`register_workflow`); any other loads
+    from a file or a plugin (`haps.workflows.load_workflow_class`)."""
 
     name: ClassVar[str]
     roles: ClassVar[tuple[str, ...]] = ("teacher", "student")
     task_description: ClassVar[str]
     role_definitions: ClassVar[dict[str, str]]
+    #: what `score` measures, as summaries print it ("F1", "accuracy")
+    metric: ClassVar[str] = "score"
+    #: a `Problem` attribute whose groups collection splits on their own (e.g. "subject"), or None
+    stratify_by: ClassVar[str | None] = None
+    #: the pydantic model of the workflow's options (None: it takes none); `__init__(**options)` checks them
+    options_model: ClassVar[type[BaseModel] | None] = None
+    #: an embedded demo set as "package:file.jsonl" (None: problems always come from a file)
+    demo_data: ClassVar[str | None] = None
+
+    def __init__(self, **options: Any) -> None:
+        model = type(self).options_model
+        if model is None:
+            if options:
+                raise ConfigError(f"workflow {self.name!r} takes no options, got {sorted(options)}.")
+            self.options = None
+        else:
+            self.options = build_options(model, self.name, options)
+
+    # ------------------------------------------------------------------ the task's data
+    @classmethod
+    def load_record(cls, rec: dict[str, Any]) -> Problem:
+        """One decoded JSON record -> `Problem`; raise `DataError` saying what is wrong (the loader adds
+        file and line). Default format: ``{"id", "question", "answer", "choices"?, "subject"?, "meta"?}``."""
+        pid = need(rec, "id", (str, int), "the problem id")
+        question = need_text(rec, "question", "the question text")
+        answer = need(rec, "answer", (str, int, float), "the reference answer")
+        choices = rec.get("choices")
+        if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
+            raise DataError(f"field 'choices' must be a list of strings, got {str(choices)[:80]!r}")
+        subject = rec.get("subject")
+        if subject is not None and not isinstance(subject, str):
+            raise DataError(f"field 'subject' must be a string, got {type(subject).__name__}")
+        meta = rec.get("meta", {})
+        if not isinstance(meta, dict):
+            raise DataError(f"field 'meta' must be an object, got {type(meta).__name__}")
+        return Problem(id=str(pid), task=cls.name, question=question, gold=str(answer), choices=choices,
+                       subject=subject, meta=dict(meta))
+
+    @classmethod
+    def dump_record(cls, problem: Problem) -> dict[str, Any]:
+        """The record `load_record` reads back as ``problem``."""
+        rec: dict[str, Any] = {"id": problem.id, "question": problem.question, "answer": problem.gold}
+        if problem.choices is not None:
+            rec["choices"] = list(problem.choices)
+        if problem.subject is not None:
+            rec["subject"] = problem.subject
+        meta = {k: v for k, v in problem.meta.items() if k != "source"}
+        if meta:
+            rec["meta"] = meta
+        return rec
+
+    def warm_up(self, problems: Sequence[Problem]) -> None:  # noqa: B027 - an optional hook
+        """Bring per-problem resources (e.g. a retrieval index) to the state a run starts from, outside
+        any timing; the benchmarks call it before each timed mode. Default: nothing to do."""
 
     @abstractmethod
     def problem_text(self, problem) -> str:
@@ -227,20 +285,22 @@ WORKFLOWS: dict[str, type[Workflow]] = {}
 register_workflow = class_registrar(WORKFLOWS, "workflow")
 
 
-def _load_builtin() -> None:
-    # importing the modules registers them
+def load_builtin_workflows() -> None:
+    """Import the built-in workflow modules (importing them registers them)."""
     from haps.workflows import hotpotqa as _h  # noqa: F401
     from haps.workflows import mmlu as _m  # noqa: F401
 
 
 def workflow_names() -> list[str]:
-    _load_builtin()
-    return sorted(WORKFLOWS)
+    """Registered workflow names plus installed plugins."""
+    from haps.workflows.loader import workflow_names as names
+
+    return names()
 
 
-def get_workflow(name: str, **options) -> Workflow:
-    """The workflow ``name`` built with ``options`` (e.g. budget=3, top_k=1, summaries=True)."""
-    _load_builtin()
-    if name not in WORKFLOWS:
-        raise ConfigError(f"unknown workflow {name!r}; valid names: {sorted(WORKFLOWS)}.")
-    return WORKFLOWS[name](**options)
+def get_workflow(spec: str, **options) -> Workflow:
+    """The workflow ``spec`` names (a registered name, a plugin, or ``path/to/file.py:ClassName``; see
+    `haps.workflows.loader`) built with ``options`` (e.g. budget=3, top_k=1, summaries=True)."""
+    from haps.workflows.loader import load_workflow_class
+
+    return load_workflow_class(spec)(**options)

@@ -29,13 +29,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from haps.data import Problem, need, need_text
+from haps.errors import DataError
 from haps.models.types import Generation
 from haps.workflows.base import (
     EpisodeState,
     PendingCall,
     Style,
     Workflow,
-    build_options,
     generation_error,
     generation_text,
     register_workflow,
@@ -113,9 +114,59 @@ class HotpotQAWorkflow(Workflow):
         "student": "Student: reasons, searches for entities (Search[entity]) and gives the answer (Finish[answer]).",
     }
 
+    metric = "F1"
+    options_model = HotpotQAOptions
+    demo_data = "haps.demo_data:demo_hotpotqa.jsonl"
+    options: HotpotQAOptions
+
     def __init__(self, retriever=None, **options: Any) -> None:
-        self.options: HotpotQAOptions = build_options(HotpotQAOptions, "hotpotqa", options)  # type: ignore[assignment]
+        super().__init__(**options)
         self._retriever = retriever
+
+    @classmethod
+    def load_record(cls, rec: dict[str, Any]) -> Problem:
+        """The original distractor layout ``{id, question, answer, type, level, supporting_facts: [[title,
+        i]], context: [[title, [sentence, ...]]]}``; the Hugging Face column layout and ``_id`` too."""
+        rec = _from_hf_layout(rec)
+        pid = need(rec, "id", (str, int), "the question id")
+        question = need_text(rec, "question", "the question text")
+        answer = need(rec, "answer", str, "the gold answer text")
+        ctx = need(rec, "context", list, "[[title, [sentence, ...]], ...] paragraphs")
+        if not ctx:
+            raise DataError("field 'context' is empty; a distractor item needs its paragraphs "
+                            "[[title, [sentence, ...]], ...]")
+        context: list[tuple[str, list[str]]] = []
+        for j, para in enumerate(ctx):
+            ok = (isinstance(para, list | tuple) and len(para) == 2 and isinstance(para[0], str)
+                  and isinstance(para[1], list) and all(isinstance(s, str) for s in para[1]))
+            if not ok:
+                raise DataError(f"context[{j}] must be [title, [sentence, ...]], got {str(para)[:80]!r}")
+            context.append((para[0], list(para[1])))
+        sf = rec.get("supporting_facts", [])
+        if not isinstance(sf, list) or not all(
+            isinstance(x, list | tuple) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], int)
+            for x in sf
+        ):
+            raise DataError("field 'supporting_facts' must be [[title, sentence_index], ...]")
+        titles = {t for t, _ in context}
+        missing = sorted({t for t, _ in sf} - titles)
+        if missing:
+            raise DataError(f"supporting_facts name titles absent from the context: {missing}; "
+                            "this is not a distractor-setting item (its gold paragraphs must be in 'context')")
+        meta = {"type": rec.get("type"), "level": rec.get("level"), "supporting_facts": [(t, i) for t, i in sf]}
+        return Problem(id=str(pid), task=cls.name, question=question, gold=answer, context=context, meta=meta)
+
+    @classmethod
+    def dump_record(cls, problem: Problem) -> dict[str, Any]:
+        return {"id": problem.id, "question": problem.question, "answer": problem.gold,
+                "type": problem.meta.get("type"), "level": problem.meta.get("level"),
+                "supporting_facts": [list(x) for x in problem.meta.get("supporting_facts", [])],
+                "context": [[t, list(s)] for t, s in (problem.context or [])]}
+
+    def warm_up(self, problems) -> None:
+        """Every paragraph embedded, no query embeddings cached: the same start for every timed run."""
+        self.retriever.clear_cache()
+        self.retriever.warm(problems)
 
     @property
     def retriever(self):
@@ -300,6 +351,20 @@ class HotpotQAWorkflow(Workflow):
                 text = text[:cut].rsplit(" ", 1)[0] + " ..."
             parts.append(f"{p.title}: {text}" if getattr(p, "title", "") else text)
         return " ".join(parts)
+
+
+def _from_hf_layout(rec: dict) -> dict:
+    """Accept the Hugging Face column layout: context {title: [...], sentences: [[...]]}."""
+    out = dict(rec)
+    if "_id" in out and "id" not in out:
+        out["id"] = out.pop("_id")
+    ctx = out.get("context")
+    if isinstance(ctx, dict) and "title" in ctx and "sentences" in ctx:
+        out["context"] = [[t, s] for t, s in zip(ctx["title"], ctx["sentences"], strict=False)]
+    sf = out.get("supporting_facts")
+    if isinstance(sf, dict) and "title" in sf and "sent_id" in sf:
+        out["supporting_facts"] = [[t, i] for t, i in zip(sf["title"], sf["sent_id"], strict=False)]
+    return out
 
 
 def _memory(items: list[str], n: int) -> str:

@@ -18,13 +18,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from haps.data import Problem, need, need_text
+from haps.errors import DataError
 from haps.models.types import Generation
 from haps.workflows.base import (
     EpisodeState,
     PendingCall,
     Style,
     Workflow,
-    build_options,
     generation_error,
     generation_text,
     register_workflow,
@@ -67,8 +68,34 @@ class MMLUWorkflow(Workflow):
         "student": "Student: analyses the question, picks one option A-D and revises it after feedback.",
     }
 
-    def __init__(self, **options: Any) -> None:
-        self.options: MMLUOptions = build_options(MMLUOptions, "mmlu", options)  # type: ignore[assignment]
+    metric = "accuracy"
+    stratify_by = "subject"  # the paper stratifies MMLU's splits by subject
+    options_model = MMLUOptions
+    demo_data = "haps.demo_data:demo_mmlu.jsonl"
+    options: MMLUOptions
+
+    @classmethod
+    def load_record(cls, rec: dict[str, Any]) -> Problem:
+        """``{id, subject, question, choices: [4 strings], answer: "A".."D" or 0..3}``."""
+        pid = need(rec, "id", (str, int), "the question id, e.g. 'anatomy/test/3'")
+        question = need_text(rec, "question", "the question text")
+        subject = need(rec, "subject", str, "the MMLU subject, e.g. 'anatomy'")
+        choices = need(rec, "choices", list, "the 4 answer options")
+        if len(choices) != 4 or not all(isinstance(c, str) for c in choices):
+            raise DataError(f"field 'choices' must hold exactly 4 strings (options A-D), got {len(choices)}: "
+                            f"{str(choices)[:80]!r}")
+        answer = rec.get("answer")
+        if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < 4:
+            answer = LETTERS[answer]  # Hugging Face / CSV style 0..3
+        if not isinstance(answer, str) or answer.strip().upper() not in tuple(LETTERS):
+            raise DataError(f"field 'answer' must be a letter A-D (or an index 0-3), got {answer!r}")
+        return Problem(id=str(pid), task=cls.name, question=question, gold=answer.strip().upper(),
+                       choices=list(choices), subject=subject, meta={})
+
+    @classmethod
+    def dump_record(cls, problem: Problem) -> dict[str, Any]:
+        return {"id": problem.id, "subject": problem.subject, "question": problem.question,
+                "choices": list(problem.choices or []), "answer": problem.gold}
 
     def problem_text(self, problem) -> str:
         return format_question(problem)

@@ -18,19 +18,19 @@ With greedy decoding both give the same predictions, up to float rounding in bat
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from haps.errors import ConfigError
+from haps.files import JsonlAppender
 from haps.models.types import GenRequest, RowAdapter
+from haps.progress import progress_bar
 from haps.workflows.base import EpisodeResult, EpisodeState, Workflow
 
 
@@ -94,59 +94,6 @@ def _check_jobs(pool, workflow: Workflow, jobs: Sequence[EpisodeJob]) -> None:
                                   "adapter; pass None for it.")
 
 
-class _Log:
-    """Appends one JSON line per episode, flushed and fsync'd, so a killed run leaves whole lines."""
-
-    def __init__(self, path: str | os.PathLike | None, include_rl: bool) -> None:
-        self.include_rl = include_rl
-        self.f = None
-        if path is not None:
-            p = Path(path)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            self.f = open(p, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-
-    def write(self, result: EpisodeResult) -> None:
-        if self.f is None:
-            return
-        self.f.write(json.dumps(result.to_dict(self.include_rl), ensure_ascii=False) + "\n")
-        self.f.flush()
-        os.fsync(self.f.fileno())
-
-    def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
-
-
-class _Progress:
-    """A rich progress bar with episodes/s and tokens/s (a no-op when disabled)."""
-
-    def __init__(self, total: int, enabled: bool, label: str) -> None:
-        self.p = None
-        if not enabled:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), transient=False)
-        self.task = self.p.add_task(label, total=total, rate="")
-
-    def __enter__(self) -> _Progress:
-        if self.p is not None:
-            self.p.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.p is not None:
-            self.p.stop()
-
-    def update(self, done: int, tokens: int, elapsed: float) -> None:
-        if self.p is None:
-            return
-        eps = done / elapsed if elapsed > 0 else 0.0
-        tps = tokens / elapsed if elapsed > 0 else 0.0
-        self.p.update(self.task, completed=done, rate=f"{eps:.2f} ep/s  {tps:.0f} tok/s")
-
-
 def run_episodes(pool, workflow: Workflow, jobs: Sequence[EpisodeJob], *,
                  sampling: Sampling | dict[str, Any] | None = None,
                  record_logprobs: bool = False, log_path: str | os.PathLike | None = None,
@@ -166,11 +113,12 @@ def run_episodes(pool, workflow: Workflow, jobs: Sequence[EpisodeJob], *,
     results: list[EpisodeResult | None] = [None] * len(jobs)
     queue = deque(range(len(jobs)))
     live: dict[int, EpisodeState] = {}
-    log = _Log(log_path, include_rl=False)
+    log = JsonlAppender(log_path) if log_path is not None else None  # created on the first episode
     t0 = time.perf_counter()
     n_calls = 0
     try:
-        with _Progress(len(jobs), progress, f"{workflow.name} episodes") as bar:
+        with progress_bar(progress) as bar:
+            task = bar.add_task(f"{workflow.name} episodes", total=len(jobs))
             while queue or live:
                 while queue and (max_live is None or len(live) < max_live):
                     i = queue.popleft()
@@ -206,14 +154,18 @@ def run_episodes(pool, workflow: Workflow, jobs: Sequence[EpisodeJob], *,
                     state = live.pop(i)
                     res = _result(workflow, jobs[i], state)
                     results[i] = res
-                    log.write(res)
+                    if log is not None:
+                        log.write(res.to_dict())
                     stats.episodes += 1
                     stats.turns += len(res.turns)
                     stats.parse_failures += res.parse_failures
                     stats.cost += res.cost
-                    bar.update(stats.episodes, stats.tokens_out, time.perf_counter() - t0)
+                    elapsed = max(time.perf_counter() - t0, 1e-9)
+                    bar.update(task, completed=stats.episodes,
+                               info=f"{stats.episodes / elapsed:.2f} ep/s  {stats.tokens_out / elapsed:.0f} tok/s")
     finally:
-        log.close()
+        if log is not None:
+            log.close()
         stats.wall_s = time.perf_counter() - t0
         stats.calls = n_calls
     return results  # type: ignore[return-value]
