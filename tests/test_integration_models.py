@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from haps.config import LoraTarget
+from haps.models.adapters import adapters_in_scope
 from haps.models.local import LocalModel
 from haps.models.types import GenRequest, RowAdapter
 
@@ -39,6 +40,7 @@ def test_info_shapes(smol, gemma):
     assert g.model_type.startswith("gemma3") and g.layers == 18 and g.hidden_size == 640
     assert g.vocab_size == 262144
     assert (g.o_proj_in, g.o_proj_out) == (1024, 640)  # rectangular: 4 heads x 256 -> 640
+    assert (s.context_window, g.context_window) == (8192, 32768)
     assert 100e6 < s.params < 170e6 and 230e6 < g.params < 300e6
 
 
@@ -78,8 +80,7 @@ def test_score_matches_generation_logprobs(real_pool, name):
 
 def test_gemma_adapter_changes_logits_zero_adapter_does_not(gemma):
     target = LoraTarget(last_k_layers=2, rank=4, alpha=0.5)
-    inj = gemma.injector(target)
-    assert inj.shapes == [(640, 1024), (640, 1024)]
+    assert gemma.lora_sites(target).shapes == ((640, 1024), (640, 1024))
     ids = torch.tensor([gemma.tokenizer("The capital of France is")["input_ids"]] * 2)
     g = torch.Generator().manual_seed(0)
     rand = RowAdapter(A=[torch.randn(640, 4, generator=g) * 0.1 for _ in range(2)],
@@ -87,7 +88,7 @@ def test_gemma_adapter_changes_logits_zero_adapter_does_not(gemma):
     zero = RowAdapter(A=[torch.zeros(640, 4)] * 2, B=[torch.zeros(4, 1024)] * 2)
     with torch.no_grad():
         base = gemma.model(input_ids=ids).logits
-        with inj.active([zero, rand]):
+        with adapters_in_scope(gemma.adapter_batch([zero, rand], target)):
             adapted = gemma.model(input_ids=ids).logits
     assert torch.equal(adapted[0], base[0])
     assert (adapted[1] - base[1]).abs().max() > 1e-2

@@ -7,10 +7,13 @@ import torch
 from torch import nn
 
 from haps.config import LoraTarget
+from haps.models.adapters import AdapterBatch
 from haps.models.attention import SharedPrefix, StepMask
-from haps.models.decode import LeanDecode, StaticKVCache, _module_step
-from haps.models.layer_step import LAYER_STEPS, project, step_supported
-from haps.models.lora import PerRequestLoRALinear
+from haps.models.decode import LeanDecode, StaticKVCache
+from haps.models.engine import make_engine
+from haps.models.hf_decode import HFDecode
+from haps.models.layer_step import LAYER_STEPS, module_step, project, step_supported
+from haps.models.lora import PerRequestLoRALinear, inject
 
 
 @pytest.fixture(params=["tiny_llama", "tiny_gemma3"])
@@ -38,40 +41,43 @@ def test_layer_step_equals_the_layer_forward(tiny, adapters):
     b, past = 5, 23  # past > Gemma's tiny sliding window (16): the sliding mask below is exercised
     decoder = model.get_decoder()
     target = LoraTarget(last_k_layers=2, rank=3)
-    inj = tiny.injector(target)
+    sites = inject(model, target)
     g = torch.Generator().manual_seed(0)
+    batch = None
     if adapters != "none":
-        stacked = [(torch.randn(b, o, 3, generator=g) * (torch.arange(b) % 2)[:, None, None],  # even rows: none
-                    torch.randn(b, 3, i, generator=g)) for o, i in inj.shapes]
-        inj.set(stacked)
-        for w in inj.wrappers:
-            w.row_loop = adapters == "row_loop"
-    try:
-        h = torch.randn(b, cfg.hidden_size, generator=g)
-        pos = torch.arange(past, past + b)[:, None]  # (b, 1): rows at different positions
-        pad = torch.zeros(b, past + 1)
-        pad[0, :3] = torch.finfo(torch.float32).min  # row 0 has left padding
-        types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)
-        cache_ref, cache_new = _cache(cfg, b, past, past + 4, 1), None
-        cache_new = _clone(cache_ref)
-        for li, layer in enumerate(decoder.layers):
-            mask = pad[:, None, None, :].clone()
-            own = StepMask(mask)
-            if types[li] == "sliding_attention":
-                mask[..., : past + 1 - cfg.sliding_window] = torch.finfo(torch.float32).min
-                own = StepMask(pad[:, None, None, past + 1 - cfg.sliding_window:])  # the step reads the window only
-            cos, sin = (decoder.rotary_emb(h[:, None], pos) if cfg.model_type == "llama"
-                        else decoder.rotary_emb(h[:, None], pos, types[li]))
-            ref = _module_step(layer, h, cos[:, 0], sin[:, 0], StepMask(mask), cache_ref, li)
-            new = LAYER_STEPS[cfg.model_type](layer, h, cos[:, 0], sin[:, 0], own, cache_new, li)
-            torch.testing.assert_close(new, ref, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(cache_new.keys[li], cache_ref.keys[li], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(cache_new.values[li], cache_ref.values[li], rtol=1e-5, atol=1e-5)
-            h = ref
-    finally:
-        inj.set(None)
-        for w in inj.wrappers:
-            w.row_loop = False
+        s = (b + 1) // 2  # odd rows have an adapter each, even rows none
+        batch = AdapterBatch(sites.layers, tuple(torch.randn(s, o, 3, generator=g) for o, _ in sites.shapes),
+                             tuple(torch.randn(s, 3, i, generator=g) for _, i in sites.shapes),
+                             torch.tensor([r // 2 if r % 2 else -1 for r in range(b)]), target.alpha,
+                             "row_loop" if adapters == "row_loop" else "bmm")
+    h = torch.randn(b, cfg.hidden_size, generator=g)
+    pos = torch.arange(past, past + b)[:, None]  # (b, 1): rows at different positions
+    pad = torch.zeros(b, past + 1)
+    pad[0, :3] = torch.finfo(torch.float32).min  # row 0 has left padding
+    types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)
+    cache_ref, cache_new = _cache(cfg, b, past, past + 4, 1), None
+    cache_new = _clone(cache_ref)
+    for li, layer in enumerate(decoder.layers):
+        mask = pad[:, None, None, :].clone()
+        own = StepMask(mask)
+        if types[li] == "sliding_attention":
+            mask[..., : past + 1 - cfg.sliding_window] = torch.finfo(torch.float32).min
+            own = StepMask(pad[:, None, None, past + 1 - cfg.sliding_window:])  # the step reads the window only
+        cos, sin = (decoder.rotary_emb(h[:, None], pos) if cfg.model_type == "llama"
+                    else decoder.rotary_emb(h[:, None], pos, types[li]))
+        ref = module_step(layer, h, cos[:, 0], sin[:, 0], StepMask(mask), cache_ref, li, batch)
+        new = LAYER_STEPS[cfg.model_type](layer, h, cos[:, 0], sin[:, 0], own, cache_new, li, batch)
+        torch.testing.assert_close(new, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache_new.keys[li], cache_ref.keys[li], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache_new.values[li], cache_ref.values[li], rtol=1e-5, atol=1e-5)
+        if batch is not None and li in sites.layers:  # the adapters change this layer's output
+            plain = module_step(layer, h, cos[:, 0], sin[:, 0], StepMask(mask), _clone(cache_new), li)
+            assert not torch.allclose(plain[1], ref[1])  # row 1 has an adapter, row 0 has none:
+            if batch.strategy == "bmm":
+                assert torch.equal(plain[0], ref[0])
+            else:  # one matmul per row (merged weights) rounds differently from the batched one
+                torch.testing.assert_close(plain[0], ref[0], rtol=1e-5, atol=1e-6)
+        h = ref
 
 
 @torch.no_grad()
@@ -126,7 +132,7 @@ def test_steps_over_a_shared_prefix_equal_steps_over_the_concatenated_cache(tiny
         ref_mask = torch.zeros(b, Lp + n).masked_fill_(~seen, torch.finfo(torch.float32).min)[:, None, None, :]
         cos, sin = (decoder.rotary_emb(h[:, None], pos[:, None]) if cfg.model_type == "llama"
                     else decoder.rotary_emb(h[:, None], pos[:, None], types[li]))
-        ref = _module_step(layer, h, cos[:, 0], sin[:, 0], StepMask(ref_mask), ref_cache, li)
+        ref = module_step(layer, h, cos[:, 0], sin[:, 0], StepMask(ref_mask), ref_cache, li)
         new = LAYER_STEPS[cfg.model_type](layer, h, cos[:, 0], sin[:, 0], masks[types[li]], own, li)
         torch.testing.assert_close(new, ref, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(own.keys[li][:, :, past], ref_cache.keys[li][:, :, Lp + past])
@@ -138,12 +144,12 @@ def test_lean_engine_uses_the_layer_steps(tiny):
     assert LeanDecode(tiny.model, 4).layer_step is LAYER_STEPS[tiny.model.config.model_type]
 
 
-def test_soft_capped_attention_keeps_the_module_forward(tiny_gemma3):
+def test_soft_capped_attention_uses_the_reference_engine(tiny_gemma3):
     cfg = tiny_gemma3.model.config
     saved, cfg.attn_logit_softcapping = cfg.attn_logit_softcapping, 50.0
     try:
-        assert not step_supported(tiny_gemma3.model)
-        assert LeanDecode(tiny_gemma3.model, 4).layer_step is _module_step
+        assert not step_supported(tiny_gemma3.model) and not LeanDecode.supports(tiny_gemma3.model)
+        assert isinstance(make_engine(tiny_gemma3.model, "auto", 4), HFDecode)
     finally:
         cfg.attn_logit_softcapping = saved
 
@@ -168,9 +174,14 @@ def test_project_equals_the_module(b):
     x = torch.randn(b, 12)
     for lin in (nn.Linear(12, 7, bias=False), nn.Linear(12, 7)):
         torch.testing.assert_close(project(lin, x), lin(x), rtol=1e-5, atol=1e-6)
-        wrapped = PerRequestLoRALinear(lin, alpha=2.0)
+        wrapped = PerRequestLoRALinear(lin, layer_idx=0)
         assert torch.equal(project(wrapped, x), project(lin, x))  # no adapters: exactly the base path
-        wrapped.set_adapters(torch.randn(b, 7, 2), torch.randn(b, 2, 12))
-        torch.testing.assert_close(project(wrapped, x), wrapped(x[:, None])[:, 0], rtol=1e-5, atol=1e-5)
-        wrapped.row_loop = True
-        assert torch.equal(project(wrapped, x), wrapped(x[:, None])[:, 0])
+        batch = AdapterBatch((0,), (torch.randn(b, 7, 2),), (torch.randn(b, 2, 12),), torch.arange(b), 2.0)
+        other_layer = AdapterBatch((1,), batch.A, batch.B, batch.slot, 2.0)
+        assert torch.equal(project(wrapped, x, adapters=other_layer), project(lin, x))  # not this layer's
+        got = project(wrapped, x, adapters=batch)
+        torch.testing.assert_close(got, wrapped(x[:, None], batch)[:, 0], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, project(lin, x))
+        loop = AdapterBatch((0,), batch.A, batch.B, batch.slot, 2.0, "row_loop")
+        assert torch.equal(project(wrapped, x, adapters=loop), wrapped(x[:, None], loop)[:, 0])
+        torch.testing.assert_close(project(wrapped, x, adapters=loop), got, rtol=1e-5, atol=1e-5)

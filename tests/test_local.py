@@ -30,7 +30,7 @@ def tiny(request) -> LocalModel:
 
 
 def _adapter(local: LocalModel, target: LoraTarget, seed: int, scale: float = 0.5) -> RowAdapter:
-    shapes = local.injector(target).shapes
+    shapes = local.lora_sites(target).shapes
     g = torch.Generator().manual_seed(seed)
     return RowAdapter(
         A=[torch.randn(d_out, target.rank, generator=g) * scale for d_out, _ in shapes],
@@ -344,7 +344,7 @@ def test_head_logits_equals_the_linear_head():
     """The W @ h^T head gives h @ W^T (up to float summation order) and leaves other heads alone."""
     from torch import nn
 
-    from haps.models.decode import head_logits
+    from haps.models.picking import head_logits
 
     torch.manual_seed(0)
     head = nn.Linear(24, 300, bias=False)
@@ -365,7 +365,7 @@ def test_greedy_pick_equals_full_logits_pick():
     same log-prob as logsumexp over the whole row; soft-capping as in the lean engine."""
     from torch import nn
 
-    from haps.models.decode import greedy_pick, head_logits, pick_tokens
+    from haps.models.picking import greedy_pick, head_logits, pick_tokens
 
     torch.manual_seed(0)
     head = nn.Linear(16, 1000, bias=False)
@@ -390,12 +390,12 @@ def test_greedy_pick_equals_full_logits_pick():
 def test_fill_holes_keeps_live_rows_and_moves_only_from_the_end():
     from haps.models.local import _fill_holes
 
-    rows = [0, -3, 2, 3, -6, 5, 6, -9]  # slots 1, 4 and 7 finished
-    keep = _fill_holes(rows)
+    live = [True, False, True, True, False, True, True, False]  # slots 1, 4 and 7 finished
+    keep = _fill_holes(live)
     assert keep == [0, 5, 2, 3, 6]
-    assert sorted(rows[j] for j in keep) == [0, 2, 3, 5, 6]
+    assert all(live[j] for j in keep) and sorted(keep) == [0, 2, 3, 5, 6]
     assert all(src >= j for j, src in enumerate(keep))
-    assert _fill_holes([0, 1, 2]) == [0, 1, 2] and _fill_holes([-2, -3]) == []
+    assert _fill_holes([True] * 3) == [0, 1, 2] and _fill_holes([False, False]) == []
 
 
 @pytest.mark.parametrize("keep", [[0, 6, 2, 3, 5], [0, 1, 2], [3, 1, 0]])
@@ -430,3 +430,26 @@ def test_requests_without_logprobs_get_the_same_tokens_and_none(tiny):
     sampled = tiny.generate([GenRequest(prompt=PROMPTS[0], max_new_tokens=4, temperature=0.8, logprobs=False)], seed=3)
     again = tiny.generate([GenRequest(prompt=PROMPTS[0], max_new_tokens=4, temperature=0.8)], seed=3)
     assert sampled[0].token_ids == again[0].token_ids and sampled[0].logprobs == []
+
+
+def test_score_at_temperature_and_top_p_is_the_sampling_distribution(tiny_llama):
+    """score(temperature, top_p) is log p of each token under softmax(logits / T) renormalised over the nucleus
+    that `pick_tokens` keeps (computed here by hand from the full logits)."""
+    torch.manual_seed(0)
+    prompt, comp = [11, 22, 33, 44], [55, 66, 77]
+    T, top_p = 0.7, 0.9
+    with torch.no_grad():
+        got = tiny_llama.score([prompt], [comp], temperature=T, top_p=top_p).item()
+        logits = tiny_llama.model(input_ids=torch.tensor([prompt + comp])).logits[0].float() / T  # (L, V)
+    want = 0.0
+    for j, tok in enumerate(comp):
+        p = torch.softmax(logits[len(prompt) - 1 + j], -1)
+        sp, si = p.sort(descending=True)
+        keep = si[(sp.cumsum(0) - sp) <= top_p].tolist()
+        if tok not in keep:
+            keep.append(tok)
+        want += float(torch.log(p[tok] / p[keep].sum()))
+    assert got == pytest.approx(want, abs=1e-4)
+    with torch.no_grad():
+        plain = tiny_llama.score([prompt], [comp], temperature=T).item()
+    assert plain < got  # renormalising over a nucleus can only raise a kept token's log-prob

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from haps.config import LoraTarget
+from haps.models.engine import DecodeOptions
 from haps.models.local import LocalModel
 from haps.models.prefix import plan_length_buckets, plan_prefix_groups
 from haps.models.types import GenRequest, RowAdapter
@@ -99,22 +100,18 @@ def tiny(request) -> LocalModel:
 
 
 def _adapter(local: LocalModel, target: LoraTarget, seed: int) -> RowAdapter:
-    shapes = local.injector(target).shapes
+    shapes = local.lora_sites(target).shapes
     g = torch.Generator().manual_seed(seed)
     return RowAdapter(A=[torch.randn(o, target.rank, generator=g) * 0.5 for o, _ in shapes],
                       B=[torch.randn(target.rank, i, generator=g) * 0.5 for _, i in shapes])
 
 
 def _run(local: LocalModel, reqs, target, share: bool, engine: str, overhead: int = 64):
-    local.share_prefix, local.decode_engine = share, engine
-    local.min_shared_prefix = 4  # short prompts; the shared prefix is longer than tiny Gemma3's sliding window (16)
-    local.bucket_overhead_tokens = overhead
-    try:
-        out = local.generate(reqs, target=target, seed=0)
-        return out, dict(local.last_stats)
-    finally:
-        local.share_prefix, local.decode_engine, local.min_shared_prefix = True, "auto", 16
-        local.bucket_overhead_tokens = 64
+    # short prompts: min_shared_prefix 4; the shared prefix is longer than tiny Gemma3's sliding window (16)
+    options = DecodeOptions(engine=engine, share_prefix=share, min_shared_prefix=4, bucket_overhead_tokens=overhead)
+    lm = LocalModel(local.spec, local.model, local.tokenizer, options=options)
+    out = lm.generate(reqs, target=target, seed=0)
+    return out, dict(lm.last_stats)
 
 
 @pytest.mark.parametrize("engine", ["auto", "hf"])

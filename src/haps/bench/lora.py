@@ -6,10 +6,11 @@ steps of `LocalModel.generate` (prefill excluded; every row generates exactly ``
 EOS is disabled for the run) in modes:
 
 - ``base``: no adapter (the lean engine where the model family has one).
-- ``base_hf``: no adapter, the reference transformers-forward engine (`decode_engine="hf"`).
-- ``bmm``: one random adapter per row through `LoRAInjector` (two batched matmuls per wrapped layer).
+- ``base_hf``: no adapter, the reference transformers-forward engine (`DecodeOptions(engine="hf")`).
+- ``bmm``: one random adapter per row in one `AdapterBatch` (two batched matmuls per wrapped layer).
 - ``loop``: the same adapters applied row by row inside each wrapped layer (the naive way:
-  ``y[i] = x[i] @ (W + alpha A_i B_i)^T`` for each row i, i.e. `reference_lora_forward`).
+  ``y[i] = x[i] @ (W + alpha A_i B_i)^T`` for each row i, i.e. `reference_lora_forward`; the
+  ``row_loop`` strategy of `DecodeOptions.lora_strategy`).
 - ``peft``: PEFT LoRA layers on the same ``o_proj`` modules, one named adapter per row, mixed-batch
   inference (``adapter_names``) driven through the same decode loop.
 - ``base_bf16``: no adapter, weights cast to bfloat16 (dtype comparison, first model only).
@@ -110,15 +111,14 @@ def _no_eos(m):
 
 
 @contextmanager
-def _row_loop(injector):
-    """The naive per-request LoRA: each wrapped layer applies its rows one by one with merged weights."""
-    for w in injector.wrappers:
-        w.row_loop = True
+def _options(m, **updates):
+    """``m`` decodes with its `DecodeOptions` changed by ``updates`` inside the block."""
+    saved = m.options
+    m.options = saved.model_copy(update=updates)
     try:
         yield
     finally:
-        for w in injector.wrappers:
-            w.row_loop = False
+        m.options = saved
 
 
 @contextmanager
@@ -129,7 +129,6 @@ def _peft(m, adapters: list[RowAdapter], target: LoraTarget):
     from haps.models.lora import _decoder_layers, detach_lora
 
     detach_lora(m.model)
-    m._injector = None
     n_layers = len(_decoder_layers(m.model))
     idx = list(range(n_layers - target.last_k_layers, n_layers))
     names = [f"layers.{i}.{target.module_name}" for i in idx]
@@ -144,12 +143,11 @@ def _peft(m, adapters: list[RowAdapter], target: LoraTarget):
                 mod.lora_A[f"row{r}"].weight.copy_(a.B[li])  # (r, d_in): shrink
                 mod.lora_B[f"row{r}"].weight.copy_(a.A[li])  # (d_out, r): expand
     pm.eval()
-    share, m.share_prefix = m.share_prefix, False  # PEFT's mixed-batch hooks need whole-batch forwards
-    try:
-        with pm.base_model._enable_peft_forward_hooks(adapter_names=[f"row{r}" for r in range(len(adapters))]):
+    try:  # PEFT's mixed-batch hooks need whole-batch forwards: no shared prefixes
+        with _options(m, share_prefix=False), pm.base_model._enable_peft_forward_hooks(
+                adapter_names=[f"row{r}" for r in range(len(adapters))]):
             yield
     finally:
-        m.share_prefix = share
         pm.base_model.unload()
 
 
@@ -239,14 +237,10 @@ def _run_mode(m, mode: str, k: int, batch: int, cfg: BenchConfig) -> tuple[list,
     from haps.models.local import LocalModel
 
     if mode == "base":
-        m.decode_engine = "auto"
         return _timed_generate(m, _requests(batch, cfg.new_tokens))
     if mode == "base_hf":
-        m.decode_engine = "hf"
-        try:
+        with _options(m, engine="hf"):
             return _timed_generate(m, _requests(batch, cfg.new_tokens))
-        finally:
-            m.decode_engine = "auto"
     if mode == "base_bf16":
         if m.spec.name not in _bf16_models:
             from haps.models.lora import detach_lora
@@ -256,12 +250,11 @@ def _run_mode(m, mode: str, k: int, batch: int, cfg: BenchConfig) -> tuple[list,
             _bf16_models[m.spec.name] = LocalModel(m.spec, model, m.tokenizer, m.max_batch_size)
         return _timed_generate(_bf16_models[m.spec.name], _requests(batch, cfg.new_tokens))
     target = LoraTarget(last_k_layers=k, rank=cfg.rank)
-    inj = m.injector(target)
-    adapters = random_adapters(inj.shapes, batch, cfg.rank)
+    adapters = random_adapters(list(m.lora_sites(target).shapes), batch, cfg.rank)
     if mode == "bmm":
         return _timed_generate(m, _requests(batch, cfg.new_tokens, adapters), target)
     if mode == "loop":
-        with _row_loop(inj):
+        with _options(m, lora_strategy="row_loop"):
             return _timed_generate(m, _requests(batch, cfg.new_tokens, adapters), target)
     if mode == "peft":
         with _peft(m, adapters, target):

@@ -1,26 +1,18 @@
-"""Decode engines for `LocalModel`: the generic transformers path (reference) and a lean fast path.
+"""`LeanDecode`: the fast decode engine for the families it knows (Llama, Gemma 3), implementing
+`haps.models.engine.DecodeEngine`.
 
-Both engines expose the same four calls used by the decode loop in `LocalModel._generate_batch`::
-
-    out = engine.prefill(ids, mask, pos, past)  # ids, pos: (b, T); mask: (b, P + T) over the past
-                                                # (a DynamicCache of P positions, or None) and ids
-    out = engine.step(tokens)                   # tokens: (b,) -> the output for the next position
-    tokens, logprobs = engine.pick(out, temps, top_ps, gen, lp)  # out (or out[rows]) -> next tokens
-                                                                   # (log-probs 0.0 unless lp)
-    engine.select_rows(keep)                    # keep: (b',) indices of rows that stay in the batch
-
-``out`` is engine-specific: `HFDecode` returns logits (b, V); `LeanDecode` returns the final-normed
-hidden states (b, d), so that an all-greedy batch never materialises (b, V) logits (`greedy_pick`).
-
-`HFDecode` runs the model's own forward with a `DynamicCache` (any causal LM). `LeanDecode` keeps a
-static cache (per-row buffers, no `torch.cat` growth per step, plus prefixes shared by groups of rows and
-stored once, `haps.models.attention`), a padding mask kept as one preallocated additive row per sequence
-(no mask building per step) and the last-token head only. Its prefill runs as blocks of tokens written
-straight into the buffers (`prefill_block`) and each decode step runs every decoder layer through
+It keeps a static cache (`StaticKVCache`: per-row buffers, no `torch.cat` growth per step, plus prefixes
+shared by groups of rows and stored once, `haps.models.attention`), a padding mask kept as one
+preallocated additive row per sequence (no mask building per step) and the last-token head only. Prefill
+executes a `PrefillPlan` as blocks of tokens written straight into the buffers (`prefill_block`: shared
+prefixes once at batch 1, then each length bucket attending over its prefix's single copy), the rows'
+last tokens as the first decode step; each decode step runs every decoder layer through
 `haps.models.layer_step` (the layer's own submodules on token rows, skinny-matmul friendly projections,
-the per-request LoRA wrappers' adapters included); for layers that module does not model it uses the
-decoder's and the layers' own forwards. It supports the families whose layer signature it knows
-(`LEAN_FAMILIES`); other models use `HFDecode`.
+the batch's adapters passed to the LoRA wrappers). Its output is the final-normed hidden states (b, d),
+so that an all-greedy batch never materialises (b, V) logits (`haps.models.picking.greedy_pick`).
+
+Models it does not support (other families, layer features the steps do not model) use
+`haps.models.hf_decode.HFDecode`, the reference.
 """
 
 from __future__ import annotations
@@ -30,151 +22,16 @@ import dataclasses
 import torch
 from torch import nn
 
+from haps.models.adapters import AdapterBatch
 from haps.models.attention import BlockPlan, SharedPrefix, StepMask
-from haps.models.layer_step import LAYER_STEPS, pad_rows, step_supported
+from haps.models.engine import PrefillPlan
+from haps.models.layer_step import LAYER_STEPS, step_supported
+from haps.models.padding import left_pad
+from haps.models.picking import GREEDY_PICK_MIN_ROWS, greedy_pick, head_logits, pick_tokens, streamed_head
 
 # model_type -> how the rotary embedding is called: "plain" rotary_emb(x, pos) or "per_type"
 # rotary_emb(x, pos, layer_type) (one (cos, sin) per attention type, e.g. Gemma 3 local/global).
 LEAN_FAMILIES = {"llama": "plain", "gemma3_text": "per_type"}
-
-
-def head_logits(head: nn.Module, h: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Vocabulary logits (b, V) of last-position hidden states ``h`` (b, d).
-
-    On CPU, for a plain bias-free ``nn.Linear`` head, computes ``W @ h^T`` in slices of ``chunk`` vocabulary
-    rows, each written transposed into the (b, V) output while it is still in cache: the same dot products as
-    ``h @ W^T``, but MKL streams the (V, d) weight as its left operand instead of packing it as a transposed
-    right operand on every call. Measured on this project's 2-core AVX2 machine, against ``h @ W^T``:
-    Gemma 3's 262k x 640 head 40 vs 130 ms at b=2 and 103 vs 190 ms at b=16 (one slice); slicing then took
-    b=16 from 93 to 68 ms and SmolLM2's 49k x 576 head at b=64 from 33 to 29 ms. Other heads and devices
-    are called as they are.
-    """
-    if _streamed_head(head, h):
-        b = h.shape[0]
-        W, ht = head.weight, pad_rows(h, HEAD_MIN_ROWS).t()
-        out = h.new_empty((b, W.shape[0]))
-        for i in range(0, W.shape[0], chunk):
-            out[:, i:i + chunk].copy_(torch.mm(W[i:i + chunk], ht)[:, :b].t())
-        return out
-    return head(h)
-
-
-# one row: MKL's matrix-vector path streams a large weight slower than a 2-column product (SmolLM2's 49k x 576
-# head: 8.7 vs 5.9 ms; Gemma 3's 262k x 640: 46 vs 30 ms), so a lone row is computed as two columns
-HEAD_MIN_ROWS = 2
-
-
-def _streamed_head(head: nn.Module, h: torch.Tensor) -> bool:
-    """Whether `head_logits` / `greedy_pick` compute ``head`` themselves: a plain bias-free ``nn.Linear`` on
-    CPU, hidden states (b, d)."""
-    return type(head) is nn.Linear and head.bias is None and h.dim() == 2 and h.device.type == "cpu"
-
-
-def pick_tokens(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor, gen: torch.Generator,
-                logprobs: bool = True) -> tuple[list[int], list[float]]:
-    """Next token per row (greedy where temperature is 0, else nucleus sampling) and its log-prob at
-    temperature 1 (0.0 without ``logprobs``). logits: (b, V); temps, top_ps: (b,)."""
-    logits = logits.float()
-    choice = logits.argmax(dim=-1)  # (b,)
-    sampled = (temps > 0).nonzero().flatten()
-    if sampled.numel():
-        sl = logits.index_select(0, sampled.to(logits.device)) / temps[sampled].to(logits.device)[:, None]
-        probs = torch.softmax(sl, dim=-1)  # (s, V)
-        sp, si = probs.sort(dim=-1, descending=True)
-        cum = sp.cumsum(-1)
-        drop = (cum - sp) > top_ps[sampled].to(logits.device)[:, None]  # keep the smallest nucleus
-        sp = sp.masked_fill(drop, 0.0)
-        k = torch.multinomial(sp.cpu(), 1, generator=gen).to(logits.device)  # (s, 1)
-        choice[sampled.to(logits.device)] = si.gather(1, k).squeeze(1)
-    if not logprobs:
-        return choice.tolist(), [0.0] * logits.shape[0]
-    lp = logits.gather(1, choice[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-    return choice.tolist(), lp.tolist()
-
-
-# Below this many rows the whole-logits pick is as fast or faster (measured on the 2-core CPU: Gemma 3's head
-# 31 vs 34 ms at b=2, 62 vs 59 at b=8, 142 vs 110 at b=32; SmolLM2's 44 vs 34 ms at b=64).
-GREEDY_PICK_MIN_ROWS = 8
-
-
-def greedy_pick(head: nn.Linear, h: torch.Tensor, softcap: float | None = None, chunk: int = 4096,
-                logprobs: bool = True) -> tuple[list[int], list[float]]:
-    """`pick_tokens` for an all-greedy batch, straight from hidden states h: (b, d), for a bias-free head.
-
-    Runs ``W @ h^T`` over slices of ``chunk`` vocabulary rows and keeps, per row, the running maximum, its
-    first index and an online log-sum-exp, while each slice is in cache: no (b, V) logits are written or
-    read back. The logits are the same dot products as `head_logits` (same slices), so the argmax (first
-    of equal maxima, as ``argmax``) is the same token; the log-prob differs from ``logsumexp`` over the
-    whole row only by float rounding. Without ``logprobs`` only the running maximum is kept (log-probs 0.0).
-    """
-    b = h.shape[0]
-    W, ht = head.weight, pad_rows(h, HEAD_MIN_ROWS).t()  # (d, m): m >= b, zero columns past b
-    m_rows = ht.shape[1]
-    best = h.new_full((m_rows,), float("-inf"), dtype=torch.float32)
-    arg = torch.zeros(m_rows, dtype=torch.long, device=h.device)
-    total = h.new_zeros((m_rows,), dtype=torch.float32)  # sum of exp(logit - best)
-    for i in range(0, W.shape[0], chunk):
-        z = torch.mm(W[i:i + chunk], ht)  # (c, b), soft-capped in the model's dtype as `LeanDecode` does
-        if softcap:
-            z = torch.tanh(z / softcap) * softcap
-        z = z.float()
-        m, a = z.max(dim=0)  # (b,): first maximum in the slice
-        top = torch.maximum(best, m)
-        if logprobs:
-            total = total * torch.exp(best - top) + torch.exp(z - top).sum(dim=0)
-        arg = torch.where(m > best, a + i, arg)  # strictly greater: an earlier slice wins ties
-        best = top
-    if not logprobs:
-        return arg[:b].tolist(), [0.0] * b
-    lp = -torch.log(total[:b])  # best - (best + log total)
-    return arg[:b].tolist(), lp.tolist()
-
-
-def _module_step(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: StepMask,
-                 cache, layer_idx: int) -> torch.Tensor:
-    """One token through the layer module's own forward (for layers `haps.models.layer_step` does not model):
-    it attends over every cache position, so ``mask.rows`` covers them all and there are no shared prefixes."""
-    return layer(h[:, None], attention_mask=mask.rows, position_embeddings=(cos[:, None], sin[:, None]),
-                 past_key_values=cache)[:, 0]
-
-
-class HFDecode:
-    """Reference engine: the model's forward and a transformers DynamicCache, every step."""
-
-    compacts_in_place = False  # select_rows copies the whole cache
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.cache = None
-        self.mask: torch.Tensor | None = None  # (b, n) 1 = real token
-        self.next_pos: torch.Tensor | None = None  # (b,)
-
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, past=None) -> torch.Tensor:
-        from transformers import DynamicCache
-
-        self.cache = past if past is not None else DynamicCache(config=self.model.config)
-        self.mask = mask
-        self.next_pos = pos[:, -1] + 1
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
-                         use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :]
-
-    @staticmethod
-    def pick(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor, gen: torch.Generator,
-             logprobs: bool = True) -> tuple[list[int], list[float]]:
-        return pick_tokens(logits, temps, top_ps, gen, logprobs)
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        logits = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.next_pos[:, None],
-                            past_key_values=self.cache, use_cache=True).logits[:, -1, :]
-        self.next_pos = self.next_pos + 1
-        return logits
-
-    def select_rows(self, keep: torch.Tensor) -> None:
-        self.cache.batch_select_indices(keep)
-        self.mask = self.mask.index_select(0, keep)
-        self.next_pos = self.next_pos.index_select(0, keep)
 
 
 class StaticKVCache:
@@ -270,20 +127,21 @@ class LeanDecode:
 
     # finished rows leave the batch cheaply (`StaticKVCache.select_rows` moves only the rows that fill holes)
     compacts_in_place = True
+    # a group's prefix keeps one copy of its keys/values (`StaticKVCache.shared`), attended in two parts
+    shares_prefixes = True
 
-    def __init__(self, model: nn.Module, max_new_tokens: int) -> None:
+    def __init__(self, model: nn.Module, max_new_tokens: int, pad_id: int = 0) -> None:
         self.model = model
         self.cfg = model.config
         self.decoder = model.get_decoder()
         self.layers = list(self.decoder.layers[: self.cfg.num_hidden_layers])
         self.rope_kind = LEAN_FAMILIES[self.cfg.model_type]
-        # own layer steps read only the positions a sliding window sees and take shared prefixes
-        self.own_steps = step_supported(model)
-        self.layer_step = LAYER_STEPS[self.cfg.model_type] if self.own_steps else _module_step
+        self.layer_step = LAYER_STEPS[self.cfg.model_type]
         self.layer_types = list(getattr(self.cfg, "layer_types", None) or ["full_attention"] * len(self.layers))
         self.window = getattr(self.cfg, "sliding_window", None)
         self.softcap = getattr(self.cfg, "final_logit_softcapping", None)
         self.max_new = max_new_tokens
+        self.pad_id = pad_id  # fills padded positions (masked: any id gives the same result)
         self.inlined_prefixes = 0  # shared prefixes the last `start` copied into their rows
         self.cache: StaticKVCache | None = None
         self.pad_add: torch.Tensor | None = None  # (b, S): 0 where a key is a real token, finfo.min where padding
@@ -291,49 +149,70 @@ class LeanDecode:
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
+        """A family whose layers `haps.models.layer_step` models exactly, with SDPA/eager attention."""
         cfg = model.config
         return (cfg.model_type in LEAN_FAMILIES and getattr(cfg, "_attn_implementation", "eager") in ("sdpa", "eager")
                 and not getattr(cfg, "use_bidirectional_attention", False)
-                and hasattr(model.get_decoder(), "rotary_emb"))
+                and hasattr(model.get_decoder(), "rotary_emb") and step_supported(model))
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, past=None) -> torch.Tensor:
-        """Prompt ids, pos (b, T), left-padded where ``mask`` (b, T) is 0 -> the final-normed hidden states (b, d)
-        of the last position. With the own layer steps and no ``past``: every token but the last as one
-        `prefill_block` straight into the static buffers, the last as the first decode step; otherwise the
-        decoder's own forward with a DynamicCache (``past``: one over earlier positions) copied into them."""
-        from transformers import DynamicCache
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.embed_tokens.weight.device
 
-        if past is None and self.shares_prefixes and ids.shape[1] > 1:
-            b, T = ids.shape
-            cache = self.open_cache(b, T - 1, self.model.get_output_embeddings().weight)
-            self.prefill_block(cache, torch.arange(b, device=ids.device), ids[:, :-1], mask[:, :-1].bool(),
-                               pos[:, :-1], 0)
-            return self.start(cache, ids[:, -1], mask, pos[:, -1])
-        dyn = past if past is not None else DynamicCache(config=self.cfg)
-        hidden = self.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=dyn,
-                              use_cache=True).last_hidden_state  # (b, T, d), after the final norm
-        last = hidden[:, -1].contiguous()  # (b, d); a copy, so the (b, T, d) states can be freed
-        b, L = mask.shape  # past + new positions
-        S = L + self.max_new
-        keys, values = [], []
-        for layer in dyn.layers:
-            k, v = layer.keys, layer.values  # (b, h_kv, n_i, d); sliding layers may keep only the last window
-            kb = k.new_zeros((b, k.shape[1], S, k.shape[3]))
-            vb = v.new_zeros((b, v.shape[1], S, v.shape[3]))
-            n_i = k.shape[2]
-            kb[:, :, L - n_i:L] = k  # right-aligned: older positions stay zero and are masked by the window
-            vb[:, :, L - n_i:L] = v
-            keys.append(kb)
-            values.append(vb)
-        self._arm(StaticKVCache(keys, values, L), mask, pos[:, -1] + 1)
-        return last
+    # ------------------------------------------------------------------ prefill
+    def prefill(self, plan: PrefillPlan, adapters: AdapterBatch | None) -> torch.Tensor:
+        """Every prompt of ``plan`` -> the final-normed hidden states (b, d) for each row's next token.
 
-    def open_cache(self, b: int, width: int, like: torch.Tensor) -> StaticKVCache:
-        """Empty static buffers for b rows whose first ``width`` positions the caller fills in place.
+        Plain: every token but the last as one left-padded `prefill_block`. Otherwise each group's prefix runs
+        once (batch 1, its rows' adapter) into one `SharedPrefix`; the row buffers hold only what follows each
+        row's prefix, right-aligned, and each bucket is a left-padded `prefill_block` over its rows that attends
+        over its prefix's copy. Then the last tokens run as the first decode step (`start`).
+        """
+        seqs, lengths, b, dev = plan.seqs, plan.lengths, len(plan.seqs), self.device
+        if plan.plain:
+            ids, mask = left_pad(seqs, self.pad_id, dev)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, L)
+            cache = self.open_cache(b, ids.shape[1] - 1)
+            if ids.shape[1] > 1:
+                self.prefill_block(cache, torch.arange(b, device=dev), ids[:, :-1], mask[:, :-1].bool(),
+                                   pos[:, :-1], 0, adapters)
+            return self.start(cache, ids[:, -1], mask, pos[:, -1], adapters)
+        width = max(plan.body(r) for r in range(b))
+        cache = self.open_cache(b, width)
+        cache.shared = [self._shared_prefix(list(g.tokens), torch.tensor(g.rows, device=dev),
+                                            None if adapters is None else adapters.select([g.rows[0]]))
+                        for g in plan.groups]
+        for rows in plan.buckets:
+            T = max(plan.body(r) for r in rows)
+            ids, valid = left_pad([seqs[r][plan.covered[r]:lengths[r] - 1] for r in rows], self.pad_id, dev)
+            offset = torch.tensor([plan.covered[r] - (T - plan.body(r)) for r in rows], device=dev)
+            pos = (offset[:, None] + torch.arange(T, device=dev)[None]).clamp(min=0)  # (n, T) absolute
+            self.prefill_block(cache, torch.tensor(rows, device=dev), ids, valid.bool(), pos, width - T,
+                               None if adapters is None else adapters.select(rows))
+        last = torch.tensor([s[-1] for s in seqs], dtype=torch.long, device=dev)  # (b,)
+        mask = torch.zeros((b, width + 1), dtype=torch.long, device=dev)
+        for r in range(b):
+            mask[r, width - plan.body(r):] = 1  # the row's own positions, then its last token
+        pos = torch.tensor([n - 1 for n in lengths], dtype=torch.long, device=dev)
+        return self.start(cache, last, mask, pos, adapters)
 
-        Keys/values per layer: (b, h_kv, width + 1 + max_new, d), zeros, dtype and device of ``like``; the
+    def _shared_prefix(self, tokens: list[int], rows: torch.Tensor, adapters: AdapterBatch | None) -> SharedPrefix:
+        """One group's prefix run at batch 1 with its rows' adapter, as a `SharedPrefix` of ``rows``."""
+        n = len(tokens)
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        cache = self.open_cache(1, n)
+        self.prefill_block(cache, torch.zeros(1, dtype=torch.long, device=self.device), ids,
+                           torch.ones_like(ids, dtype=torch.bool), torch.arange(n, device=self.device)[None], 0,
+                           adapters)
+        return SharedPrefix(rows=rows, keys=[k[:, :, :n] for k in cache.keys], values=[v[:, :, :n] for v in cache.values])
+
+    def open_cache(self, b: int, width: int) -> StaticKVCache:
+        """Empty static buffers for b rows whose first ``width`` positions prefill blocks fill in place.
+
+        Keys/values per layer: (b, h_kv, width + 1 + max_new, d), zeros, in the head's dtype and device; the
         cache's length is ``width``. `start` then runs each row's last prompt token on top of it.
         """
+        like = self.model.get_output_embeddings().weight
         cfg = self.cfg
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         shape = (b, cfg.num_key_value_heads, width + 1 + self.max_new, hd)
@@ -342,16 +221,21 @@ class LeanDecode:
         return StaticKVCache(keys, values, width)
 
     def prefill_block(self, cache: StaticKVCache, rows: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor,
-                      pos: torch.Tensor, start: int) -> None:
+                      pos: torch.Tensor, start: int, adapters: AdapterBatch | None) -> None:
         """Runs a block of T tokens for each of ``cache`` rows ``rows`` (n,) and writes their keys/values at cache
-        positions [start, start + T): ids, pos (n, T), left-padded where ``valid`` (n, T, bool) is False. Each
-        token attends over its row's shared prefix (``cache.shared``) and the block's earlier tokens, so a
-        block never copies a prefix. The LoRA wrappers must hold the n rows' adapters. Needs `shares_prefixes`.
+        positions [start, start + T): ids, pos (n, T), left-padded where ``valid`` (n, T, bool) is False;
+        ``adapters``: those n rows' (or None). Each token attends over its row's shared prefix
+        (``cache.shared``) and the block's earlier tokens, so a block never copies a prefix.
         """
+        if adapters is not None and adapters.rows != rows.numel():
+            from haps.errors import ShapeError
+
+            raise ShapeError(f"prefill_block: {rows.numel()} rows but adapters for {adapters.rows}; pass "
+                             "adapters.select(rows).")
         h = self.decoder.embed_tokens(ids)  # (n, T, d)
         plans = self._block_plans(cache, rows, valid, pos, start)
         last = {t: dataclasses.replace(p, keys_only=True) for t, p in plans.items()}  # the last layer's plans
-        self._run_layers(h.reshape(-1, h.shape[-1]), self._rotary(h, pos), plans, cache, last)
+        self._run_layers(h.reshape(-1, h.shape[-1]), self._rotary(h, pos), plans, cache, adapters, last)
 
     def _rotary(self, h: torch.Tensor, pos: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per attention type, (cos, sin) as token rows (N, hd) for states h (n, T, d) at positions pos (n, T)."""
@@ -363,14 +247,14 @@ class LeanDecode:
         return {t: (cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])) for t, (cos, sin) in pes.items()}
 
     def _run_layers(self, h: torch.Tensor, pes: dict, plans: dict, cache: StaticKVCache,
-                    last_plans: dict | None = None) -> torch.Tensor:
+                    adapters: AdapterBatch | None, last_plans: dict | None = None) -> torch.Tensor:
         """Every decoder layer on token rows h (N, d), each with its attention type's rotary and plan (the last
         layer with ``last_plans`` where given) -> (N, d)."""
         final = len(self.layers) - 1
         for li, (layer, lt) in enumerate(zip(self.layers, self.layer_types, strict=True)):
             cos, sin = pes[lt]
             plan = last_plans[lt] if last_plans is not None and li == final else plans[lt]
-            h = self.layer_step(layer, h, cos, sin, plan, cache, li)
+            h = self.layer_step(layer, h, cos, sin, plan, cache, li, adapters)
         return h
 
     def _block_plans(self, cache: StaticKVCache, rows: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor,
@@ -403,12 +287,13 @@ class LeanDecode:
             out[t] = BlockPlan(rows=rows, start=start, own=own, shared=shared)
         return out
 
-    def start(self, cache: StaticKVCache, last: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def start(self, cache: StaticKVCache, last: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+              adapters: AdapterBatch | None) -> torch.Tensor:
         """Prefill's last stage as a decode step: ``last`` (b,) tokens at positions ``pos`` (b,) after the
         ``cache.length`` positions filled in ``cache`` (from `open_cache`); ``mask`` (b, length + 1) marks real
         tokens (1), the new one included. Returns the final-normed hidden states (b, d) for the next token."""
         self._arm(cache, mask, pos.clone())
-        out = self.step(last)
+        out = self.step(last, adapters)
         self._inline_small_prefixes()
         return out
 
@@ -460,18 +345,12 @@ class LeanDecode:
         self.pad_add[:, : mask.shape[1]].masked_fill_(mask == 0, torch.finfo(dtype).min)
         self.next_pos = next_pos
 
-    @property
-    def shares_prefixes(self) -> bool:
-        """Whether a cache from `open_cache` may hold shared prefixes (`StaticKVCache.shared`)."""
-        return self.own_steps
-
     def _masks(self, n: int) -> dict[str, StepMask]:
         """Per attention type, the masks of a step whose query sits at cache index n-1 (`StepMask`).
 
         Full attention reads all n own positions and every shared prefix. A sliding window of w reads the
         last w own positions (rows are right-aligned, so that is the same slice for every row), and of a
-        shared prefix only the keys some row of its group still sees, masking the rest per row. The
-        layer-module fallback reads every position, older ones masked.
+        shared prefix only the keys some row of its group still sees, masking the rest per row.
         """
         full = self.pad_add[:, None, None, :n]
         shared = [(p, 0, None) for p in self.cache.shared]
@@ -480,12 +359,8 @@ class LeanDecode:
             w = self.window
             if w is None or (n <= w and all(p.length + n <= w for p in self.cache.shared)):
                 out["sliding_attention"] = out["full_attention"]
-            elif self.own_steps:
-                out["sliding_attention"] = StepMask(full[..., max(0, n - w):], self._window_shared(w))
             else:
-                sl = full.clone()
-                sl[..., : n - w] = torch.finfo(sl.dtype).min  # keep q_idx - kv_idx < window
-                out["sliding_attention"] = StepMask(sl)
+                out["sliding_attention"] = StepMask(full[..., max(0, n - w):], self._window_shared(w))
         return out
 
     def _window_shared(self, w: int) -> list[tuple[SharedPrefix, int, torch.Tensor | None]]:
@@ -497,12 +372,13 @@ class LeanDecode:
                 out.append((p, *part))
         return out
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
+        """tokens (b,) at each row's next position -> the final-normed hidden states (b, d) after them."""
         cache = self.cache
         n = cache.length + 1  # keys visible to the new token
         pos = self.next_pos[:, None]  # (b, 1)
         h = self.decoder.embed_tokens(tokens[:, None])  # (b, 1, d)
-        h = self._run_layers(h[:, 0], self._rotary(h, pos), self._masks(n), cache)  # (b, d)
+        h = self._run_layers(h[:, 0], self._rotary(h, pos), self._masks(n), cache, adapters)  # (b, d)
         cache.advance(1)
         self.next_pos = self.next_pos + 1
         return self.decoder.norm(h)  # (b, d)
@@ -512,7 +388,7 @@ class LeanDecode:
         """Next tokens from final-normed hidden states (b, d): `greedy_pick` when every row is greedy and there
         are enough rows (CPU, plain bias-free head), else `pick_tokens` on the full logits."""
         head = self.model.get_output_embeddings()
-        if hidden.shape[0] >= GREEDY_PICK_MIN_ROWS and bool((temps <= 0).all()) and _streamed_head(head, hidden):
+        if hidden.shape[0] >= GREEDY_PICK_MIN_ROWS and bool((temps <= 0).all()) and streamed_head(head, hidden):
             return greedy_pick(head, hidden, self.softcap, logprobs=logprobs)
         return pick_tokens(self.logits(hidden), temps, top_ps, gen, logprobs)
 

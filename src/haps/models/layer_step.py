@@ -19,7 +19,8 @@ beyond float rounding:
 - no per-call keyword plumbing, output dataclasses or mask building.
 
 For a model with something these functions do not model (attention logit soft-capping, tensor-parallel
-pretraining slices), `step_supported` is False and `LeanDecode` calls each layer's own forward instead.
+pretraining slices), `step_supported` is False and `LocalModel` decodes it with `HFDecode`. `module_step`
+runs one token through the layer module's own forward: the reference the tests hold every step equal to.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from haps.models.adapters import AdapterBatch, lora_delta
 from haps.models.attention import BlockPlan, StepMask, attend, attend_block
 from haps.models.lora import PerRequestLoRALinear
 
@@ -64,14 +66,14 @@ def pad_rows(x: torch.Tensor, min_rows: int = 1) -> torch.Tensor:
 SKINNY_MAX_ROWS = 256
 
 
-def project(mod: nn.Module, x: torch.Tensor, tokens: int = 1) -> torch.Tensor:
+def project(mod: nn.Module, x: torch.Tensor, tokens: int = 1, adapters: AdapterBatch | None = None) -> torch.Tensor:
     """``mod(x)`` for a linear module and x: (n * tokens, d_in) -> (n * tokens, d_out), rows token-major per
-    sequence (x possibly a transposed view).
+    sequence (x possibly a transposed view); ``adapters``: the batch's, one row per sequence of ``tokens`` rows.
 
     Plain CPU ``nn.Linear``: ``(W @ x^T)^T`` plus bias for up to `SKINNY_MAX_ROWS` rows, padded to a count MKL
     covers in few weight passes (`gemm_rows`); ``x @ W^T`` above. `PerRequestLoRALinear` (batched strategy):
-    its base layer the same way plus its adapters' `delta` (one adapter per sequence of ``tokens`` rows).
-    Anything else (PEFT layers, the row-loop strategy, other devices): the module's own forward.
+    its base layer the same way plus `lora_delta` of its layer's adapters. Anything else (PEFT layers, the
+    row-loop strategy, other devices): the module's own forward.
     """
     N = x.shape[0]
     if type(mod) is nn.Linear and x.device.type == "cpu":
@@ -79,9 +81,14 @@ def project(mod: nn.Module, x: torch.Tensor, tokens: int = 1) -> torch.Tensor:
             return F.linear(x, mod.weight, mod.bias)
         y = torch.mm(mod.weight, pad_rows(x).t())[:, :N].t()
         return y if mod.bias is None else y + mod.bias
-    if type(mod) is PerRequestLoRALinear and not mod.row_loop:
-        y = project(mod.base_layer, x, tokens)
-        return y if mod.A is None else y + mod.delta(x.reshape(-1, tokens, x.shape[1])).reshape(N, -1)
+    if type(mod) is PerRequestLoRALinear:
+        w = mod.weights_of(adapters)
+        if w is None:
+            return project(mod.base_layer, x, tokens)
+        if adapters.strategy == "bmm":
+            y = project(mod.base_layer, x, tokens)
+            return y + lora_delta(x.reshape(-1, tokens, x.shape[1]), *w, adapters.alpha).reshape(N, -1)
+        return mod(x.reshape(-1, tokens, x.shape[1]), adapters).reshape(N, -1)
     return mod(x.reshape(-1, tokens, x.shape[1])).reshape(N, -1)
 
 
@@ -93,11 +100,13 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return (x * cos) + (rotated * sin)
 
 
-def _heads(attn: nn.Module, x: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _heads(attn: nn.Module, x: torch.Tensor, tokens: int,
+           adapters: AdapterBatch | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q: (N, H, hd), k and v: (N, H_kv, hd) of the normed hidden states x: (N, d)."""
     N, hd = x.shape[0], attn.head_dim
-    return (project(attn.q_proj, x, tokens).reshape(N, -1, hd), project(attn.k_proj, x, tokens).reshape(N, -1, hd),
-            project(attn.v_proj, x, tokens).reshape(N, -1, hd))
+    return (project(attn.q_proj, x, tokens, adapters).reshape(N, -1, hd),
+            project(attn.k_proj, x, tokens, adapters).reshape(N, -1, hd),
+            project(attn.v_proj, x, tokens, adapters).reshape(N, -1, hd))
 
 
 def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepMask | BlockPlan, cache,
@@ -119,40 +128,52 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return attend(q, keys, values, plan, layer_idx, attn.scaling).reshape(b, H * hd)
 
 
-def _mlp(mlp: nn.Module, x: torch.Tensor, tokens: int) -> torch.Tensor:
+def _mlp(mlp: nn.Module, x: torch.Tensor, tokens: int, adapters: AdapterBatch | None) -> torch.Tensor:
     """Gated MLP: down(act(gate(x)) * up(x)), x: (N, d) -> (N, d)."""
-    up = mlp.act_fn(project(mlp.gate_proj, x, tokens)) * project(mlp.up_proj, x, tokens)
-    return project(mlp.down_proj, up, tokens)
+    up = mlp.act_fn(project(mlp.gate_proj, x, tokens, adapters)) * project(mlp.up_proj, x, tokens, adapters)
+    return project(mlp.down_proj, up, tokens, adapters)
 
 
 def llama_step(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: StepMask | BlockPlan,
-               cache, layer_idx: int) -> torch.Tensor:
-    """`LlamaDecoderLayer` on token rows: h (N, d) -> (N, d); cos, sin: (N, hd)."""
+               cache, layer_idx: int, adapters: AdapterBatch | None = None) -> torch.Tensor:
+    """`LlamaDecoderLayer` on token rows: h (N, d) -> (N, d); cos, sin: (N, hd); ``adapters``: one row per sequence."""
     attn, T = layer.self_attn, plan.tokens
-    q, k, v = _heads(attn, layer.input_layernorm(h), T)
+    q, k, v = _heads(attn, layer.input_layernorm(h), T, adapters)
     o = _attend(attn, _rope(q, cos, sin), _rope(k, cos, sin), v, plan, cache, layer_idx)
     if o is None:  # a keys-only prefill block: the layer's output is not needed
         return h
-    h = h + project(attn.o_proj, o, T)
-    return h + _mlp(layer.mlp, layer.post_attention_layernorm(h), T)
+    h = h + project(attn.o_proj, o, T, adapters)
+    return h + _mlp(layer.mlp, layer.post_attention_layernorm(h), T, adapters)
 
 
 def gemma3_step(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: StepMask | BlockPlan,
-                cache, layer_idx: int) -> torch.Tensor:
+                cache, layer_idx: int, adapters: AdapterBatch | None = None) -> torch.Tensor:
     """`Gemma3DecoderLayer` on token rows (q/k norms, sandwich norms): h (N, d) -> (N, d); cos, sin: (N, hd)."""
     attn, T = layer.self_attn, plan.tokens
-    q, k, v = _heads(attn, layer.input_layernorm(h), T)
+    q, k, v = _heads(attn, layer.input_layernorm(h), T, adapters)
     q, k = attn.q_norm(q), attn.k_norm(k)
     o = _attend(attn, _rope(q, cos, sin), _rope(k, cos, sin), v, plan, cache, layer_idx)
     if o is None:  # a keys-only prefill block: the layer's output is not needed
         return h
-    h = h + layer.post_attention_layernorm(project(attn.o_proj, o, T))
-    return h + layer.post_feedforward_layernorm(_mlp(layer.mlp, layer.pre_feedforward_layernorm(h), T))
+    h = h + layer.post_attention_layernorm(project(attn.o_proj, o, T, adapters))
+    return h + layer.post_feedforward_layernorm(_mlp(layer.mlp, layer.pre_feedforward_layernorm(h), T, adapters))
 
 
-LayerStep = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, StepMask | BlockPlan, object, int],
-                     torch.Tensor]
+LayerStep = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, StepMask | BlockPlan, object, int,
+                      AdapterBatch | None], torch.Tensor]
 LAYER_STEPS: dict[str, LayerStep] = {"llama": llama_step, "gemma3_text": gemma3_step}
+
+
+def module_step(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: StepMask, cache,
+                layer_idx: int, adapters: AdapterBatch | None = None) -> torch.Tensor:
+    """The slow twin of a `LAYER_STEPS` decode step: one token (b, d) through the layer module's own forward,
+    attending over every cache position (``mask.rows`` covers them all; no shared prefixes)."""
+    from haps.models.adapters import adapters_in_scope
+    from haps.models.hf_decode import with_cache
+
+    with adapters_in_scope(adapters):
+        return layer(h[:, None], attention_mask=mask.rows, position_embeddings=(cos[:, None], sin[:, None]),
+                     **with_cache(layer, cache))[:, 0]
 
 
 def step_supported(model: nn.Module) -> bool:

@@ -1,48 +1,44 @@
-"""Per-request LoRA: every batch row carries its own low-rank update of a frozen linear layer.
+"""Per-request LoRA on a frozen model: wrappers on the target linear layers that apply the batch's adapters.
 
-Vocabulary (as in multi-adapter servers): *shrink* projects the input to rank r with B, *expand* maps
-it back with A. For a frozen ``W: (d_out, d_in)`` and row i's adapter ``A_i: (d_out, r)``,
-``B_i: (r, d_in)``::
+`inject` replaces each target submodule (e.g. ``self_attn.o_proj`` of the last k decoder layers) by a
+`PerRequestLoRALinear` that holds the original as ``base_layer`` and calls it (PEFT's pattern: no
+library class is patched); `detach_lora` puts the originals back. Wrapping is idempotent and only ever
+adds wrappers, so targets of different depths can share one model. A wrapper holds no adapters: each
+call brings its `haps.models.adapters.AdapterBatch` (explicitly from our layer steps, or through
+`adapters_in_scope` for transformers forwards), and a wrapper whose layer the batch does not cover is the
+base layer.
 
-    Semantics (the slow, obviously-correct loop that `reference_lora_forward` runs):
-        for i in range(b):
-            y[i] = x[i] @ (W + alpha * A_i @ B_i).T
+Semantics (the slow, obviously-correct loop that `reference_lora_forward` runs)::
 
-    Fast path (two batched matmuls, no loop over rows):
-        y = x @ W.T + alpha * bmm(bmm(x, B^T), A^T)      # x: (b, T, d_in) -> y: (b, T, d_out)
+    for i in range(b):
+        y[i] = x[i] @ (W + alpha * A_i @ B_i).T        # A_i = B_i = 0 for rows without an adapter
 
-Rows without an adapter get A_i = 0, so their output is exactly ``x @ W.T`` (adding 0.0 changes no
-float). The wrapper never patches a library class: it replaces the target submodule by a module that
-holds the original as ``base_layer`` and calls it (PEFT's pattern), and `detach_lora` puts it back.
+Fast path (two batched matmuls, no loop over rows, `haps.models.adapters.lora_delta`)::
+
+    y = x @ W.T + alpha * bmm(bmm(x, B^T), A^T)      # x: (b, T, d_in) -> y: (b, T, d_out)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from haps.config import LoraTarget
-from haps.errors import ConfigError, ShapeError
-from haps.models.types import RowAdapter
+from haps.errors import ConfigError
+from haps.models.adapters import AdapterBatch, lora_delta, scoped_adapters
 
 
 class PerRequestLoRALinear(nn.Module):
-    """Wraps a frozen ``nn.Linear``; applies the current batch's per-row adapters, if any are set."""
+    """Wraps a frozen ``nn.Linear`` of decoder layer ``layer_idx``; adds the call's per-row adapters."""
 
-    def __init__(self, base_layer: nn.Linear, alpha: float) -> None:
+    def __init__(self, base_layer: nn.Linear, layer_idx: int) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise ConfigError(f"LoRA target must be nn.Linear, got {type(base_layer).__name__}.")
         self.base_layer = base_layer
-        self.alpha = alpha
-        self.A: torch.Tensor | None = None  # (b, d_out, r)
-        self.B: torch.Tensor | None = None  # (b, r, d_in)
-        # The naive strategy, kept as a benchmark baseline: one row at a time with that row's merged weight
-        # W + alpha * A_i @ B_i (what `reference_lora_forward` does). Off: two batched matmuls for all rows.
-        self.row_loop = False
+        self.layer_idx = layer_idx
 
     @property
     def in_features(self) -> int:
@@ -52,45 +48,26 @@ class PerRequestLoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base_layer.out_features
 
-    def set_adapters(self, A: torch.Tensor | None, B: torch.Tensor | None) -> None:
-        if A is None or B is None:
-            self.A = self.B = None
-            return
-        d_out, d_in = self.out_features, self.in_features
-        if A.dim() != 3 or B.dim() != 3 or A.shape[0] != B.shape[0] or A.shape[2] != B.shape[1]:
-            raise ShapeError(
-                f"adapters must be A: (b, {d_out}, r) and B: (b, r, {d_in}); got A {tuple(A.shape)}, B {tuple(B.shape)}."
-            )
-        if A.shape[1] != d_out or B.shape[2] != d_in:
-            raise ShapeError(
-                f"adapter does not fit this layer ({d_in} -> {d_out}): expected A (b, {d_out}, r) and "
-                f"B (b, r, {d_in}), got A {tuple(A.shape)}, B {tuple(B.shape)}."
-            )
-        self.A, self.B = A, B
+    def weights_of(self, adapters: AdapterBatch | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This layer's per-row (A (b, d_out, r), B (b, r, d_in)) in ``adapters``, or None."""
+        w = None if adapters is None else adapters.row_weights(self.layer_idx)
+        if w is not None and (w[0].shape[1] != self.out_features or w[1].shape[2] != self.in_features):
+            from haps.errors import ShapeError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (b, T, d_in) -> (b, T, d_out)
-        if self.A is not None and self.row_loop:
-            self._check_rows(x)
-            W, bias = self.base_layer.weight, self.base_layer.bias
-            return torch.stack([nn.functional.linear(x[i], W + self.alpha * (self.A[i] @ self.B[i]).to(W.dtype), bias)
-                                for i in range(x.shape[0])])
-        y = self.base_layer(x)  # (b, T, d_out)
-        return y if self.A is None else y + self.delta(x)
+            raise ShapeError(f"layer {self.layer_idx}: the adapters do not fit this projection ({self.in_features} -> "
+                             f"{self.out_features}): expected A (s, {self.out_features}, r) and B (s, r, "
+                             f"{self.in_features}), got A {tuple(w[0].shape)} and B {tuple(w[1].shape)}.")
+        return w
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapters' term alpha * A_i (B_i x) of every row: x (b, T, d_in) -> (b, T, d_out); needs adapters set."""
-        self._check_rows(x)
-        B_t = self.B.to(x.dtype).transpose(1, 2)  # (b, d_in, r)
-        A_t = self.A.to(x.dtype).transpose(1, 2)  # (b, r, d_out)
-        shrink = torch.bmm(x, B_t)  # (b, T, r)
-        return self.alpha * torch.bmm(shrink, A_t)  # (b, T, d_out)
-
-    def _check_rows(self, x: torch.Tensor) -> None:
-        if x.shape[0] != self.A.shape[0]:
-            raise ShapeError(
-                f"batch has {x.shape[0]} rows but adapters were set for {self.A.shape[0]} rows; "
-                "set one adapter row (zeros for none) per batch row."
-            )
+    def forward(self, x: torch.Tensor, adapters: AdapterBatch | None = None) -> torch.Tensor:
+        """x: (b, T, d_in) -> (b, T, d_out); ``adapters`` default to the scoped batch (`adapters_in_scope`)."""
+        batch = adapters if adapters is not None else scoped_adapters()
+        w = self.weights_of(batch)
+        if w is None:
+            return self.base_layer(x)
+        if batch.strategy == "row_loop":
+            return reference_lora_forward(x, self.base_layer, *w, batch.alpha)
+        return self.base_layer(x) + lora_delta(x, *w, batch.alpha)
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -121,92 +98,47 @@ def _get_submodule(layer: nn.Module, dotted: str) -> tuple[nn.Module, str, nn.Mo
     return parent, parts[-1], getattr(parent, parts[-1])
 
 
-class LoRAInjector:
-    """Owns the wrappers on the last k layers of one model and sets per-batch adapters on them."""
+@dataclass(frozen=True)
+class LoraSites:
+    """Where a target's adapters go: absolute decoder-layer indices and each projection's (d_out, d_in)."""
 
-    def __init__(self, model: nn.Module, target: LoraTarget) -> None:
-        layers = _decoder_layers(model)
-        if target.last_k_layers > len(layers):
-            raise ConfigError(
-                f"last_k_layers={target.last_k_layers} but the model has only {len(layers)} decoder layers."
-            )
-        self.target = target
-        self.wrappers: list[PerRequestLoRALinear] = []
-        for layer in layers[len(layers) - target.last_k_layers:]:
-            parent, name, mod = _get_submodule(layer, target.module_name)
-            if not isinstance(mod, PerRequestLoRALinear):
-                mod = PerRequestLoRALinear(mod, target.alpha)
-                setattr(parent, name, mod)
-            else:
-                mod.alpha = target.alpha
-            self.wrappers.append(mod)
+    layers: tuple[int, ...]
+    shapes: tuple[tuple[int, int], ...]
 
-    @property
-    def shapes(self) -> list[tuple[int, int]]:
-        """(d_out, d_in) of each wrapped projection, last-k order."""
-        return [(w.out_features, w.in_features) for w in self.wrappers]
 
-    def stack(self, adapters: Sequence[RowAdapter | None], device=None, dtype=None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """Stack per-row adapters into per-layer (A: (b, d_out, r), B: (b, r, d_in)); zeros for None rows.
+def _targets(model: nn.Module, target: LoraTarget):
+    layers = _decoder_layers(model)
+    if target.last_k_layers > len(layers):
+        raise ConfigError(f"last_k_layers={target.last_k_layers} but the model has only {len(layers)} decoder layers.")
+    for idx in range(len(layers) - target.last_k_layers, len(layers)):
+        yield idx, _get_submodule(layers[idx], target.module_name)
 
-        Returns None when no row has an adapter (the base path then runs untouched).
-        """
-        if all(a is None for a in adapters):
-            return None
-        first = next(a for a in adapters if a is not None)
-        r = first.A[0].shape[-1]
-        out = []
-        for li, (d_out, d_in) in enumerate(self.shapes):
-            As, Bs = [], []
-            for row, a in enumerate(adapters):
-                if a is None:
-                    As.append(None)
-                    Bs.append(None)
-                    continue
-                if len(a.A) != len(self.wrappers):
-                    raise ShapeError(
-                        f"row {row}: adapter has {len(a.A)} layers, the model is injected at {len(self.wrappers)} "
-                        f"(last_k_layers={self.target.last_k_layers})."
-                    )
-                A, B = a.A[li], a.B[li]
-                if tuple(A.shape) != (d_out, r) or tuple(B.shape) != (r, d_in):
-                    raise ShapeError(
-                        f"row {row}, layer {li}: expected A ({d_out}, {r}) and B ({r}, {d_in}), "
-                        f"got A {tuple(A.shape)} and B {tuple(B.shape)}."
-                    )
-                As.append(A)
-                Bs.append(B)
-            ref = first.A[li]
-            dev = device or ref.device
-            dt = dtype or ref.dtype
-            zA = torch.zeros(d_out, r, device=dev, dtype=dt)
-            zB = torch.zeros(r, d_in, device=dev, dtype=dt)
-            A_b = torch.stack([zA if A is None else A.to(dev, dt) for A in As])  # (b, d_out, r)
-            B_b = torch.stack([zB if B is None else B.to(dev, dt) for B in Bs])  # (b, r, d_in)
-            out.append((A_b, B_b))
-        return out
 
-    def set(self, stacked: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
-        for i, w in enumerate(self.wrappers):
-            if stacked is None:
-                w.set_adapters(None, None)
-            else:
-                w.set_adapters(*stacked[i])
+def lora_sites(model: nn.Module, target: LoraTarget) -> LoraSites:
+    """The sites of ``target`` in ``model``, read without wrapping anything."""
+    idx, shapes = [], []
+    for i, (_, _, mod) in _targets(model, target):
+        lin = mod.base_layer if isinstance(mod, PerRequestLoRALinear) else mod
+        if not isinstance(lin, nn.Linear):
+            raise ConfigError(f"LoRA target {target.module_name!r} of layer {i} must be nn.Linear, got "
+                              f"{type(lin).__name__}; set lora.module_name to a linear layer.")
+        idx.append(i)
+        shapes.append((lin.out_features, lin.in_features))
+    return LoraSites(tuple(idx), tuple(shapes))
 
-    def select_rows(self, index: torch.Tensor) -> None:
-        """Keep only the given batch rows (used when finished rows leave the decode batch)."""
-        for w in self.wrappers:
-            if w.A is not None:
-                w.A = w.A.index_select(0, index)
-                w.B = w.B.index_select(0, index)
 
-    @contextmanager
-    def active(self, adapters: Sequence[RowAdapter | None], device=None, dtype=None) -> Iterator[None]:
-        self.set(self.stack(adapters, device, dtype))
-        try:
-            yield
-        finally:
-            self.set(None)
+def inject(model: nn.Module, target: LoraTarget) -> LoraSites:
+    """Wrap every site of ``target`` in a `PerRequestLoRALinear` (sites already wrapped are kept)."""
+    sites = lora_sites(model, target)
+    for i, (parent, name, mod) in _targets(model, target):
+        if not isinstance(mod, PerRequestLoRALinear):
+            setattr(parent, name, PerRequestLoRALinear(mod, i))
+    return sites
+
+
+def wrappers(model: nn.Module) -> list[PerRequestLoRALinear]:
+    """Every wrapper in ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, PerRequestLoRALinear)]
 
 
 def detach_lora(model: nn.Module) -> int:
@@ -228,15 +160,12 @@ def merged_weight(base: nn.Linear, A: torch.Tensor, B: torch.Tensor, alpha: floa
 
 def reference_lora_forward(x: torch.Tensor, base: nn.Linear, A: torch.Tensor | None, B: torch.Tensor | None,
                            alpha: float) -> torch.Tensor:
-    """Slow twin of `PerRequestLoRALinear.forward`: one row at a time with a merged weight.
+    """Slow twin of the fast path: one row at a time with a merged weight.
 
     x: (b, T, d_in); A: (b, d_out, r) or None; B: (b, r, d_in) or None -> (b, T, d_out).
     """
     rows = []
     for i in range(x.shape[0]):
-        W = base.weight if A is None else base.weight + alpha * (A[i] @ B[i])
-        y = x[i] @ W.T
-        if base.bias is not None:
-            y = y + base.bias
-        rows.append(y)
+        W = base.weight if A is None else base.weight + alpha * (A[i] @ B[i]).to(base.weight.dtype)
+        rows.append(nn.functional.linear(x[i], W, base.bias))
     return torch.stack(rows)

@@ -46,6 +46,9 @@ class GenRequest:
     # record each generated token's log-prob (`Generation.logprobs`); False spares the local backend the
     # log-sum-exp over the vocabulary at every step
     logprobs: bool = True
+    # a prompt that leaves no room for max_new_tokens in the model's context window: "error" (the row fails
+    # with a message saying so) or "middle" (its middle tokens are cut; the start and the end are kept)
+    truncation: Literal["error", "middle"] = "error"
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
