@@ -43,7 +43,14 @@ def get_router(spec: str, *, space: AssignmentSpace, **kwargs) -> Router:
 
 
 def _load_builtin() -> None:
-    # the high-level router lives in its own module (torch + transformers); importing it registers it
+    # routers living in their own modules register on import: the high-level router (torch +
+    # transformers) and the baselines (torch_geometric is imported only when a GraphRouter is built)
+    import haps.baselines.graphrouter  # noqa: F401
+    import haps.baselines.irt  # noqa: F401
+    import haps.baselines.knn  # noqa: F401
+    import haps.baselines.routellm_clf  # noqa: F401
+    import haps.baselines.routellm_mf  # noqa: F401
+    import haps.baselines.static  # noqa: F401
     import haps.routing.high_level  # noqa: F401
 
 

@@ -111,10 +111,12 @@ def build_user_prompt(workflow, pool, problem) -> str:
 
 
 def build_routing_prompt(workflow, pool, problem) -> RoutingPrompt:
-    """The routing prompt for one problem (``problem.id`` becomes ``problem_id``)."""
+    """The routing prompt for one problem (``problem.id`` becomes ``problem_id``); ``meta`` records the
+    problem text and the workflow name for routers that embed them (the baselines)."""
     return RoutingPrompt(
         problem_id=str(problem.id), system=build_system_prompt(workflow.roles),
         user=build_user_prompt(workflow, pool, problem), space=space_for(workflow, pool),
+        meta={"problem": workflow.problem_text(problem), "task": getattr(workflow, "name", "")},
     )
 
 
