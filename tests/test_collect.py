@@ -14,7 +14,7 @@ import pytest
 
 from haps.errors import ConfigError, DataError
 from haps.routing.space import AssignmentSpace
-from haps.train.collect import CollectConfig, assignments_for, read_actions, repair_jsonl
+from haps.train.collect import CollectConfig, assignments_for, collect, read_actions, repair_jsonl
 
 # A fake workflow, pool and runner (deterministic scores; optional delay per runner call), shared by the
 # in-process tests and by the subprocess that gets killed.
@@ -111,6 +111,35 @@ def test_resume_with_other_arguments_fails(fake, tmp_path):
     fake.run(tmp_path / "a", 3)
     with pytest.raises(ConfigError, match="seed: recorded 0, now 1"):
         fake.run(tmp_path / "a", 3, seed=1)
+
+
+def test_resume_compares_only_what_changes_results(fake, tmp_path):
+    from haps.train.collect import RESULT_FIELDS, RUN_FIELDS
+
+    assert set(RESULT_FIELDS) | set(RUN_FIELDS) == set(CollectConfig.model_fields)
+    assert not set(RESULT_FIELDS) & set(RUN_FIELDS) and all(RESULT_FIELDS.values()) and all(RUN_FIELDS.values())
+    fake.run(tmp_path / "a", 4, chunk=1)
+    s = fake.run(tmp_path / "a", 4, chunk=3)  # batching only: not a different collection
+    assert s.done_before == 16 and s.written == 0
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert [r["chunk_size"] for r in manifest["runs"]] == [1, 3]
+
+
+def test_a_fresh_collection_that_fails_leaves_nothing(fake, tmp_path):
+    def broken(*a, **k):
+        raise RuntimeError("model load failed")
+
+    out = tmp_path / "new" / "col"
+    with pytest.raises(RuntimeError):
+        collect(CollectConfig(task="hotpotqa"), out, problems=fake.fake_problems(2), pool=fake.fake_pool(),
+                workflow=fake.FakeWorkflow(), runner=broken, sampling={}, job_factory=fake.job, progress=False)
+    assert not out.exists()
+    fake.run(tmp_path / "a", 2)  # an existing collection keeps its files when a resume fails
+    with pytest.raises(RuntimeError):
+        collect(CollectConfig(task="hotpotqa", chunk_size=1), tmp_path / "a", problems=fake.fake_problems(3),
+                pool=fake.fake_pool(), workflow=fake.FakeWorkflow(), runner=broken, sampling={}, job_factory=fake.job,
+                progress=False)
+    assert len(read_actions(tmp_path / "a")) == 8
 
 
 def test_repair_torn_last_line(tmp_path):

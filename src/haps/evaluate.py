@@ -50,9 +50,12 @@ class ActionTable:
     @classmethod
     def from_records(cls, records: Iterable[dict[str, Any]], space: AssignmentSpace,
                      split: str | None = None) -> ActionTable:
+        records = list(records)
         recs = [r for r in records if split is None or r.get("split") == split]
         if not recs:
-            raise DataError(f"no action-level records for split {split!r}.")
+            have = sorted({str(r.get("split")) for r in records})
+            raise DataError(f"no action-level records for split {split!r} (the data has {have or 'none'}); evaluate "
+                            "another split (--split, or all) or collect more problems.")
         pids = list(dict.fromkeys(r["problem_id"] for r in recs))
         row = {p: i for i, p in enumerate(pids)}
         shape = (len(pids), space.size)

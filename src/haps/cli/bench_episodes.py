@@ -1,6 +1,6 @@
-"""`haps bench episodes`: HotpotQA episodes in lockstep (one batch per model per step) versus one at a
-time, same models, problems and greedy settings. Reports the speed-up, tokens/s, and whether both
-modes gave the same predictions."""
+"""`haps bench episodes`: episodes in lockstep (one batch per model per step) versus one at a time, same
+workflow, models, problems and greedy settings (HotpotQA by default). Reports the speed-up, tokens/s,
+and whether both modes gave the same predictions."""
 
 from __future__ import annotations
 
@@ -8,12 +8,23 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
+from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.table import Table
 
 from haps.cli import bench_app
+from haps.cli.common import (
+    build_config,
+    check_out,
+    config_opt,
+    data_path,
+    options_opt,
+    parse_options,
+    workflow_opt,
+)
 from haps.files import write_json_atomic
 
 
@@ -30,52 +41,78 @@ def _totals_delta(before: dict, after: dict) -> dict:
     return out
 
 
+class EpisodesBenchConfig(BaseModel):
+    """The lockstep benchmark's settings (YAML via --config; options given on the command line win)."""
+
+    model_config = ConfigDict(extra="forbid")
+    task: str = Field(default="hotpotqa", description="Workflow: a name, a plugin or path/to/file.py:ClassName.")
+    n: int = Field(default=32, ge=1, description="Episodes.")
+    assign: str | None = Field(default=None, description="ROLE=MODEL pairs (default: the first role on the pool's "
+                               "first model, the others on its last).")
+    data: str | None = Field(default=None, description="Problems JSONL (None: the embedded demo set, cycled to n).")
+    max_new_tokens: int = Field(default=64, ge=1, description="Tokens per call.")
+    workflow_options: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"hotpotqa": {"budget": 1, "summaries": False, "passage_chars": 300}},
+        description="Workflow options per task (HotpotQA: budget 1, no summary calls, passages cut to 300 chars).")
+    pool: str = Field(default="tiny", description="Built-in pool name or pool YAML file.")
+    threads: int | None = Field(default=None, ge=1, description="torch threads (None: torch's).")
+    out: str = Field(default="benchmarks/results/episodes.json", description="JSON result.")
+
+
 @bench_app.command("episodes")
 def bench_episodes(
-    n: int = typer.Option(32, help="HotpotQA episodes."),
-    teacher: str = typer.Option(None, help="Teacher model (default: the pool's first)."),
-    student: str = typer.Option(None, help="Student model (default: the pool's last)."),
-    data: Path = typer.Option(None, help="HotpotQA JSONL (default: the embedded demo set, cycled to N)."),
-    max_new_tokens: int = typer.Option(64, help="Tokens per call."),
-    budget: int = typer.Option(1, help="Search budget B."),
-    summaries: bool = typer.Option(False, help="Running-summary calls (doubles the calls)."),
-    passage_chars: int = typer.Option(300, help="Cut retrieved passages to this many characters."),
-    pool: str = typer.Option("tiny", help="Built-in pool name or pool YAML file."),
-    threads: int = typer.Option(None, help="torch threads (default: torch's)."),
-    out: Path = typer.Option(Path("benchmarks/results/episodes.json"), help="JSON result."),
-    progress: bool = typer.Option(True),
+    task: str = workflow_opt(),
+    n: int = typer.Option(None, min=1, help="Episodes (default 32)."),
+    assign: str = typer.Option(None, help="ROLE=MODEL pairs (default: teacher on the pool's first model, student "
+                               "on its last)."),
+    data: Path = typer.Option(None, help="Problems JSONL (default: the embedded demo set, cycled to N)."),
+    max_new_tokens: int = typer.Option(None, min=1, help="Tokens per call (default 64)."),
+    option: list[str] = options_opt(),
+    pool: str = typer.Option(None, help="Built-in pool name or pool YAML file."),
+    threads: int = typer.Option(None, min=1, help="torch threads (default: torch's)."),
+    out: Path = typer.Option(None, help="JSON result (default benchmarks/results/episodes.json)."),
+    config: Path = config_opt(),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bars."),
 ) -> None:
     """Lockstep vs one-at-a-time episodes: wall time, ratio (target >= 5x), tokens/s, same predictions."""
     import dataclasses
 
     import torch
 
+    from haps.cli.run import resolve_assignment
     from haps.config import load_pool
     from haps.data import load_problems
     from haps.models.pool import ModelPool
     from haps.workflows import EpisodeJob, RunStats, Sampling, get_workflow, run_episodes
 
-    if threads:
-        torch.set_num_threads(threads)
-    mp = ModelPool(load_pool(pool))
-    assignment = {"teacher": teacher or mp.names[0], "student": student or mp.names[-1]}
-    problems = load_problems("hotpotqa", data, n)
+    cfg: EpisodesBenchConfig = build_config(EpisodesBenchConfig, config, {
+        "task": task, "n": n, "assign": assign, "data": str(data) if data else None, "max_new_tokens": max_new_tokens,
+        "pool": pool, "threads": threads, "out": str(out) if out else None})
+    options = {**cfg.workflow_options.get(cfg.task, {}), **parse_options(option)}
+    workflow = get_workflow(cfg.task, **options)
+    pool_cfg = load_pool(cfg.pool)
+    names = pool_cfg.names
+    assignment = (resolve_assignment(cfg.assign, workflow.roles, names) if cfg.assign else
+                  {r: names[0] if i == 0 else names[-1] for i, r in enumerate(workflow.roles)})
+    problems = load_problems(cfg.task, data_path(cfg.data), cfg.n)
+    check_out(cfg.out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    n = cfg.n
     if len(problems) < n:  # the demo set is small: cycle it, with distinct ids
         base = list(problems)
         problems = [dataclasses.replace(base[i % len(base)], id=f"{base[i % len(base)].id}#{i}") for i in range(n)]
-    workflow = get_workflow("hotpotqa", budget=budget, summaries=summaries, passage_chars=passage_chars)
+    mp = ModelPool(pool_cfg)
     jobs = [EpisodeJob(p, assignment) for p in problems]
-    sampling = Sampling(temperature=0.0, max_new_tokens=max_new_tokens)
+    sampling = Sampling(temperature=0.0, max_new_tokens=cfg.max_new_tokens)
     con = Console()
-    # warm-up: load both models and the retriever outside the timings
+    # warm-up: load the models (and e.g. the retriever) outside the timings
     run_episodes(mp, workflow, jobs[:1], sampling=Sampling(max_new_tokens=2), progress=False)
 
     modes = {}
     preds = {}
     for mode, max_live in (("lockstep", None), ("one_at_a_time", 1)):
-        # same start for both modes: every paragraph embedded, no query embeddings cached (untimed)
-        workflow.retriever.clear_cache()
-        workflow.retriever.warm(problems)
+        workflow.warm_up(problems)  # the same start for both modes (untimed)
         stats = RunStats()
         before = {name: dict(getattr(mp.backend(name), "totals", {})) for name in set(assignment.values())}
         t0 = time.perf_counter()
@@ -86,7 +123,7 @@ def bench_episodes(
             "wall_s": round(wall, 2), "episodes_per_s": round(len(res) / wall, 4),
             "tokens_out": stats.tokens_out, "tokens_in": stats.tokens_in,
             "tokens_per_s": round(stats.tokens_out / wall, 2), "model_calls": stats.calls, "turns": stats.turns,
-            "mean_f1": round(sum(r.score for r in res) / len(res), 4),
+            "mean_score": round(sum(r.score for r in res) / len(res), 4), "metric": workflow.metric,
             "parse_failure_rate": round(stats.parse_failures / max(stats.turns, 1), 4),
             "per_model": {name: _totals_delta(before[name], getattr(mp.backend(name), "totals", {}))
                           for name in sorted(before)},
@@ -94,24 +131,24 @@ def bench_episodes(
     same = sum(a == b for a, b in zip(preds["lockstep"], preds["one_at_a_time"], strict=True))
     ratio = modes["one_at_a_time"]["wall_s"] / modes["lockstep"]["wall_s"]
     result = {
-        "bench": "episodes", "task": "hotpotqa", "episodes": n, "pool": pool, "assignment": assignment,
-        "settings": {"max_new_tokens": max_new_tokens, "temperature": 0.0, "budget": budget, "summaries": summaries,
-                     "passage_chars": passage_chars, "data": str(data) if data else "demo"},
+        "bench": "episodes", "task": workflow.name, "episodes": n, "pool": cfg.pool, "assignment": assignment,
+        "settings": {"max_new_tokens": cfg.max_new_tokens, "temperature": 0.0, "workflow_options": options,
+                     "data": cfg.data or "demo"},
         "modes": modes, "speedup": round(ratio, 2), "target_speedup": 5.0,
         "identical_predictions": same, "prediction_mismatches": n - same,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version(), "device": "cpu"},
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    write_json_atomic(out, result)
+    write_json_atomic(cfg.out, result)
 
-    t = Table(title=f"{n} HotpotQA episodes, teacher={assignment['teacher']}, student={assignment['student']}, "
-                    f"greedy, {max_new_tokens} tokens/call")
-    for col in ("mode", "wall s", "episodes/s", "tokens/s", "model calls", "mean F1", "parse fail"):
+    t = Table(title=f"{n} {workflow.name} episodes, " + ", ".join(f"{r}={m}" for r, m in assignment.items())
+              + f", greedy, {cfg.max_new_tokens} tokens/call")
+    for col in ("mode", "wall s", "episodes/s", "tokens/s", "model calls", f"mean {workflow.metric}", "parse fail"):
         t.add_column(col, justify="right" if col != "mode" else "left")
     for mode, m in modes.items():
         t.add_row(mode, f"{m['wall_s']:.1f}", f"{m['episodes_per_s']:.3f}", f"{m['tokens_per_s']:.1f}",
-                  str(m["model_calls"]), f"{m['mean_f1']:.3f}", f"{m['parse_failure_rate']:.1%}")
+                  str(m["model_calls"]), f"{m['mean_score']:.3f}", f"{m['parse_failure_rate']:.1%}")
     con.print(t)
     b = Table(title="where the time went (per model)")
     for col in ("mode", "model", "batches", "rows/batch", "prefill s", "decode s", "computed/prompt tokens"):
@@ -124,4 +161,4 @@ def bench_episodes(
                           f"{d.get('prefill_tokens_per_prompt_token', 0):.2f}")
     con.print(b)
     con.print(f"speed-up lockstep / one-at-a-time: [bold]{ratio:.2f}x[/bold] (target >= 5x); identical predictions: "
-              f"{same}/{n}. JSON: {out}")
+              f"{same}/{n}. JSON: {cfg.out}")

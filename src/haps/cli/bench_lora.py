@@ -6,11 +6,12 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from haps.cli import bench_app
+from haps.cli.common import check_out
 from haps.files import write_json_atomic
+from haps.progress import progress_bar
 
 
 def results_table(data: dict) -> Table:
@@ -38,9 +39,9 @@ def _csv(text: str, kind: type) -> list:
 def bench_lora(
     out: Path = typer.Option(..., "--out", help="JSON file to write (one record per measurement)."),
     quick: bool = typer.Option(False, "--quick", help="Small subset (SmolLM2, batch 1 and 8, 8 tokens) for CI."),
-    new_tokens: int = typer.Option(None, help="Tokens generated per row (default 32, quick 8)."),
-    rounds: int = typer.Option(None, help="Interleaved rounds per batch; the best round is kept."),
-    pool: str = typer.Option("tiny", help="Built-in pool name or pool YAML file."),
+    new_tokens: int = typer.Option(None, min=1, help="Tokens generated per row (default 32, quick 8)."),
+    rounds: int = typer.Option(None, min=1, help="Interleaved rounds per batch; the best round is kept."),
+    pool: str = typer.Option(None, help="Built-in pool name or pool YAML file (default tiny)."),
     models: str = typer.Option(None, help="Comma-separated pool model names (default: SmolLM2 and Gemma 3)."),
     batches: str = typer.Option(None, help="Comma-separated batch sizes (default 1,8,32,64)."),
     modes: str = typer.Option(None, help="Comma-separated modes out of base,base_hf,bmm,loop,peft."),
@@ -51,7 +52,8 @@ def bench_lora(
     from haps.bench.lora import MODES, BenchConfig, quick_config, run_bench
 
     cfg = quick_config() if quick else BenchConfig()
-    cfg.pool = pool
+    if pool:
+        cfg.pool = pool
     if new_tokens:
         cfg.new_tokens = new_tokens
     if rounds:
@@ -72,9 +74,9 @@ def bench_lora(
         cfg.layers = _csv(layers, int)
     if dtype_batches is not None:
         cfg.dtype_batches = _csv(dtype_batches, int) if dtype_batches.strip() else []
+    check_out(out)
     console = Console()
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console) as prog:
+    with progress_bar(console=console) as prog:
         n_modes = sum(1 if m in ("base", "base_hf") else len(cfg.layers) for m in cfg.modes)
         total = cfg.rounds * sum(len(cfg.batches) * n_modes + (len(cfg.dtype_batches) if i == 0 else 0)
                                  for i, _ in enumerate(cfg.models))

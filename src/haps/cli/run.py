@@ -1,83 +1,105 @@
-"""`haps run`: run Teacher/Student episodes for one fixed assignment and print a summary."""
+"""`haps run`: run the episodes of one workflow for one fixed assignment and print a summary."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
+from pydantic import BaseModel, ConfigDict, Field
 
 from haps.cli import app
-from haps.errors import ConfigError
+from haps.cli.common import (
+    build_config,
+    check_out,
+    config_opt,
+    data_path,
+    options_opt,
+    parse_options,
+    workflow_opt,
+)
 
 
-def parse_assignment(text: str | None, roles: tuple[str, ...], names: list[str]) -> dict[str, str]:
-    """``"teacher=A,student=B"`` -> {"teacher": "A", "student": "B"}; missing roles get the pool's first model."""
-    out: dict[str, str] = {}
-    for part in (text or "").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "=" not in part:
-            raise ConfigError(f"--assign: expected ROLE=MODEL pairs separated by commas, got {part!r} "
-                              f"(e.g. teacher={names[0]},student={names[-1]}).")
-        role, model = (s.strip() for s in part.split("=", 1))
-        if role not in roles:
-            raise ConfigError(f"--assign: unknown role {role!r}; roles are {list(roles)}.")
-        if model not in names:
-            raise ConfigError(f"--assign: unknown model {model!r}; the pool has {names}.")
-        out[role] = model
-    for role in roles:
-        out.setdefault(role, names[0])
-    return out
+class RunConfig(BaseModel):
+    """Everything `haps run` does (YAML via --config; options given on the command line win)."""
+
+    model_config = ConfigDict(extra="forbid")
+    task: str = Field(default="hotpotqa", description="Workflow: a name, a plugin or path/to/file.py:ClassName.")
+    assign: str | dict[str, str] | None = Field(default=None, description="ROLE=MODEL pairs (text or a mapping); "
+                                                "None: the pool's first model for every role.")
+    data: str | None = Field(default=None, description="JSONL file or folder of problems (None: the demo set).")
+    limit: int | None = Field(default=None, ge=1, description="Use the first N problems.")
+    max_new_tokens: int = Field(default=128, ge=1, description="Tokens per model call.")
+    temperature: float = Field(default=0.0, ge=0, description="0 = greedy.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    seed: int | None = Field(default=None, description="Seed for sampled decoding.")
+    pool: str = Field(default="tiny", description="Built-in pool name or pool YAML file.")
+    workflow_options: dict[str, Any] = Field(default_factory=dict, description="Options of the workflow.")
+    out: str | None = Field(default=None, description="Episode log (JSONL, one line per episode, appended).")
+    progress: bool = Field(default=True, description="Show a progress bar.")
+
+
+def resolve_assignment(assign: str | dict[str, str] | None, roles, names: list[str]) -> dict[str, str]:
+    """The assignment to run: parsed by the one assignment parser (a partial one is an error naming the
+    missing roles); none given: the pool's first model for every role."""
+    from haps.routing.space import parse_assignment
+
+    if assign is None:
+        return {r: names[0] for r in roles}
+    text = ",".join(f"{r}={m}" for r, m in assign.items()) if isinstance(assign, dict) else assign
+    return parse_assignment(text, roles, names, what="--assign")
 
 
 @app.command("run")
 def run(
-    task: str = typer.Option("hotpotqa", help="Workflow: hotpotqa | mmlu."),
-    assign: str = typer.Option(None, help="ROLE=MODEL pairs, e.g. teacher=smollm2-135m,student=gemma3-270m "
-                               "(default: the pool's first model for every role)."),
+    task: str = workflow_opt(),
+    assign: str = typer.Option(None, help="ROLE=MODEL pairs for every role, e.g. teacher=smollm2-135m,"
+                               "student=gemma3-270m (none: the pool's first model for every role)."),
     data: Path = typer.Option(None, help="JSONL file or folder of problems (default: the embedded demo set)."),
-    limit: int = typer.Option(None, help="Use the first N problems."),
-    max_new_tokens: int = typer.Option(128, help="Tokens per model call."),
-    temperature: float = typer.Option(0.0, help="0 = greedy."),
-    top_p: float = typer.Option(1.0),
+    limit: int = typer.Option(None, min=1, help="Use the first N problems."),
+    max_new_tokens: int = typer.Option(None, min=1, help="Tokens per model call."),
+    temperature: float = typer.Option(None, min=0.0, help="0 = greedy."),
+    top_p: float = typer.Option(None, min=0.0, max=1.0, help="Nucleus sampling mass (0 < p <= 1)."),
     out: Path = typer.Option(None, help="Episode log (JSONL, one line per episode, appended)."),
-    pool: str = typer.Option("tiny", help="Built-in pool name or pool YAML file."),
+    pool: str = typer.Option(None, help="Built-in pool name or pool YAML file."),
     seed: int = typer.Option(None, help="Seed for sampled decoding."),
-    summaries: bool = typer.Option(True, help="hotpotqa: update running summaries every round (paper: on)."),
-    budget: int = typer.Option(3, help="hotpotqa: search budget B."),
-    top_k: int = typer.Option(1, help="hotpotqa: passages per search."),
-    rounds: int = typer.Option(3, help="mmlu: at most K rounds."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    option: list[str] = options_opt(),
+    config: Path = config_opt(),
+    progress: bool = typer.Option(None, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Run episodes of TASK for one assignment of models to roles; print score, parse failures, tokens, cost."""
+    """Run episodes of a workflow for one assignment of models to roles; print score, parse failures, tokens, cost."""
+    from rich.console import Console
+    from rich.table import Table
+
     from haps.config import load_pool
     from haps.data import load_problems
     from haps.models.pool import ModelPool
     from haps.workflows import EpisodeJob, Sampling, get_workflow, run_episodes, summarize
 
-    options = {"budget": budget, "top_k": top_k, "summaries": summaries} if task == "hotpotqa" else {"rounds": rounds}
-    workflow = get_workflow(task, **options)
-    mp = ModelPool(load_pool(pool))
-    assignment = parse_assignment(assign, workflow.roles, mp.names)
-    problems = load_problems(task, data, limit)
+    cfg: RunConfig = build_config(RunConfig, config, {
+        "task": task, "assign": assign, "data": str(data) if data else None, "limit": limit,
+        "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed, "pool": pool,
+        "workflow_options": parse_options(option), "out": str(out) if out else None, "progress": progress})
+    workflow = get_workflow(cfg.task, **cfg.workflow_options)
+    pool_cfg = load_pool(cfg.pool)
+    assignment = resolve_assignment(cfg.assign, workflow.roles, pool_cfg.names)
+    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
+    problems = load_problems(cfg.task, data_path(cfg.data), cfg.limit)
+    check_out(cfg.out)
     jobs = [EpisodeJob(p, assignment) for p in problems]
-    sampling = Sampling(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     t0 = time.perf_counter()
-    results = run_episodes(mp, workflow, jobs, sampling=sampling, log_path=out, seed=seed, progress=progress)
+    results = run_episodes(ModelPool(pool_cfg), workflow, jobs, sampling=sampling, log_path=cfg.out, seed=cfg.seed,
+                           progress=cfg.progress)
     s = summarize(results, time.perf_counter() - t0)
 
     con = Console()
-    t = Table(title=f"haps run {task}: " + ", ".join(f"{r}={m}" for r, m in assignment.items()))
+    t = Table(title=f"haps run {workflow.name}: " + ", ".join(f"{r}={m}" for r, m in assignment.items()))
     t.add_column("metric")
     t.add_column("value", justify="right")
-    metric = "F1" if task == "hotpotqa" else "accuracy"
     rows = [
         ("episodes", f"{s['episodes']}"),
-        (f"mean score ({metric})", f"{s['score']:.4f}"),
+        (f"mean score ({workflow.metric})", f"{s['score']:.4f}"),
         ("exact match", f"{s['em']:.4f}"),
         ("parse failures / turns", f"{s['parse_failure_rate']:.1%} of {s['turns']}"),
         ("null predictions", f"{s['null_predictions']}"),
@@ -90,5 +112,5 @@ def run(
     for k, v in rows:
         t.add_row(k, v)
     con.print(t)
-    if out is not None:
-        con.print(f"episode log: {out}")
+    if cfg.out is not None:
+        con.print(f"episode log: {cfg.out}")

@@ -218,26 +218,27 @@ def plan_splits(problems: Sequence, cfg: CollectConfig, stratify_by: str | None,
         empty = [name for name, frac in zip(("train", "valid", "test"), cfg.split_fractions, strict=True)
                  if frac > 0 and not parts[name]]
         if empty:
+            groups = f", each {stratify_by} split on its own" if stratify_by else ""
             raise DataError(f"{len(problems)} problem(s) leave the {'/'.join(empty)} split empty (split_fractions "
-                            f"{list(cfg.split_fractions)}); use more problems (--limit, --data) or give that split "
-                            "the fraction 0 (split_fractions in --config).")
+                            f"{list(cfg.split_fractions)}{groups}); use more problems (--limit, --data) or give that "
+                            "split the fraction 0 (split_fractions in --config).")
     return {p.id: name for name, ps in parts.items() for p in ps}
 
 
 def collect(cfg: CollectConfig, out: str | Path, *, problems: Sequence | None = None, pool=None, workflow=None,
             runner: Callable | None = None, sampling: Any = None, progress: bool = True,
-            job_factory: Callable | None = None,
-            on_record: Callable[[dict[str, Any]], None] | None = None) -> CollectSummary:
+            job_factory: Callable | None = None, on_record: Callable[[dict[str, Any]], None] | None = None,
+            require_splits: bool = False) -> CollectSummary:
     """Collect (or resume collecting) the action-level data of ``cfg`` into ``out``.
 
     ``problems``, ``pool``, ``workflow``, ``runner`` and ``sampling`` default to the real ones built from
     ``cfg``; tests inject small stand-ins. ``runner(pool, workflow, jobs, sampling=..., log_path=...,
-    progress=...)`` must return one EpisodeResult per job, in job order. Problems loaded from ``cfg``
-    must fill every split with a positive fraction (`plan_splits`); injected ones are taken as given.
+    progress=...)`` must return one EpisodeResult per job, in job order. ``require_splits`` (`haps
+    collect`): every split with a positive fraction must get a problem (`plan_splits`), checked before
+    anything is written.
     """
     t0 = time.perf_counter()
     out = Path(out)
-    loaded = problems is None
     if problems is None:
         from haps.data import load_problems
 
@@ -261,7 +262,7 @@ def collect(cfg: CollectConfig, out: str | Path, *, problems: Sequence | None = 
     from haps.metrics import RewardConfig
 
     reward_cfg = RewardConfig(kind=cfg.reward_kind)
-    split_of = plan_splits(problems, cfg, workflow.stratify_by, require_all=loaded)
+    split_of = plan_splits(problems, cfg, workflow.stratify_by, require_all=require_splits)
 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)

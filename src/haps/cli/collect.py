@@ -1,0 +1,65 @@
+"""`haps collect`: action-level data, every assignment for every problem (`haps.train.collect`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from haps.cli import app
+from haps.cli.common import (
+    build_config,
+    check_out,
+    config_opt,
+    data_path,
+    load_config_file,
+    options_opt,
+    parse_options,
+    per_task,
+    workflow_opt,
+)
+
+#: config values a YAML file may key by task (see src/haps/configs/collect_tiny.yaml)
+PER_TASK = ("data", "limit", "max_new_tokens", "chunk_size", "workflow_options")
+
+
+@app.command("collect")
+def collect_cmd(
+    task: str = workflow_opt(),
+    out: Path = typer.Option(..., help="Output folder (actions.jsonl, manifest.json, episodes/)."),
+    data: str = typer.Option(None, help="Problems JSONL file or folder, as given or relative to $HAPS_DATA "
+                             "(default: the embedded demo set)."),
+    limit: int = typer.Option(None, min=1, help="First N problems of the file."),
+    pool: str = typer.Option(None, help="Built-in pool name or pool YAML."),
+    config: Path = config_opt(),
+    max_new_tokens: int = typer.Option(None, min=1, help="Cap on tokens per model call."),
+    sample: int = typer.Option(None, min=1, help="L assignments sampled per problem when K^N > --max-enumerate."),
+    max_enumerate: int = typer.Option(None, min=1, help="Enumerate all assignments up to this many."),
+    seed: int = typer.Option(None, help="Seed (assignment sampling, agent sampling)."),
+    chunk_size: int = typer.Option(None, min=1, help="Problems per lockstep runner call (may change on resume)."),
+    option: list[str] = options_opt(),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Run every assignment for every problem and record r(p, z) (resumable: rerun the same command)."""
+    from rich.console import Console
+
+    from haps.errors import ConfigError
+    from haps.train.collect import CollectConfig, collect
+
+    base = load_config_file(config)
+    base.pop("notes", None)
+    task = task or base.get("task")
+    if not task:
+        raise ConfigError("no workflow given: pass --task NAME (or --workflow path/to/file.py:ClassName), or set "
+                          "task in the --config file.")
+    cfg = build_config(CollectConfig, per_task(base, task, PER_TASK), {
+        "task": task, "data": data, "limit": limit, "pool": pool, "max_new_tokens": max_new_tokens,
+        "sample": sample, "max_enumerate": max_enumerate, "seed": seed, "chunk_size": chunk_size,
+        "workflow_options": parse_options(option)})
+    if cfg.data:
+        cfg.data = data_path(cfg.data)
+    check_out(out, folder=True)
+    s = collect(cfg, out, progress=progress, require_splits=True)
+    Console().print(f"[bold]{s.out}[/]: {s.total} (problem, assignment) pairs, {s.done_before} already done, "
+                    f"{s.written} written in {s.seconds:.1f}s ({s.episodes_per_s:.3f} episodes/s)"
+                    + (f"; repaired a torn last line ({s.repaired_bytes} bytes)" if s.repaired_bytes else ""))
