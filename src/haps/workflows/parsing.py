@@ -21,10 +21,18 @@ and backticks ignored; actions may lack brackets or use (), {} or <>; extra text
 dropped; "Action: finish the answer is X" gives Finish[X]; when no ``Action:`` label is present an
 explicit ``Search[...]`` / ``Finish[...]`` anywhere in the text is taken. When a model writes several
 ``Action:`` lines (it hallucinated further rounds), the first one that parses wins.
+
+Never invent, always finish: every answer a parser returns is a piece of the output (after `clean`,
+with whitespace runs collapsed; a yes/no answer lower-cased) or a choice letter A-D, and every parser
+runs in time linear in the output (up to the length of the MMLU options), so a 1 MB reply costs
+milliseconds: no regular expression here can backtrack over a long run of text more than once.
+Semantics are those of the plain regular-expression versions kept as the test oracle
+(tests/parsing_reference.py); tests/test_parsing_fuzz.py holds the two equal and times both.
 """
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -34,8 +42,19 @@ Verdict = Literal["continue", "rethink"]
 
 _OPEN = "[({<"
 _CLOSE = {"[": "]", "(": ")", "{": "}", "<": ">"}
-# markdown emphasis, headings at line start, backticks, bullets
-_MD = re.compile(r"\*\*|__|`|^\s{0,3}#{1,6}\s*|^\s*[-*>]\s+", re.MULTILINE)
+# Markdown emphasis, headings at line start, backticks, bullets. The reference pattern is
+#     \*\*|__|`|^\s{0,3}#{1,6}\s*|^\s*[-*>]\s+        (re.MULTILINE)
+# whose bullet branch, tried at every line start inside a long run of blank lines, rescans the run each
+# time (quadratic). Only the first line start of a whitespace run can begin a bullet match (a later one
+# sees the same end of the run), so the bullet branch runs from the start of the run instead, keeping
+# the whitespace before that first line start (group 1): at the string start, after a non-space, or,
+# with no whitespace left, right at a line start (the run before it went to the previous match).
+_MD = re.compile(r"\*\*|__|`|^\s{0,3}#{1,6}\s*|\A\s*+[-*>]\s+|^[-*>]\s+|(?<=\S)([^\S\n]*\n)\s*+[-*>]\s+",
+                 re.MULTILINE)
+
+
+def _md_keep(m: re.Match[str]) -> str:
+    return m.group(1) or ""
 
 
 def clean(text: object) -> str:
@@ -43,7 +62,7 @@ def clean(text: object) -> str:
     if not isinstance(text, str):
         text = "" if text is None else str(text)
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\uff1a", ":")
-    return _MD.sub("", text)
+    return _MD.sub(_md_keep, text)
 
 
 def _label(name: str) -> re.Pattern[str]:
@@ -51,29 +70,68 @@ def _label(name: str) -> re.Pattern[str]:
     return re.compile(rf"(?<![A-Za-z])\*?{name}\*?\s*:\s*\*?", re.IGNORECASE)
 
 
-def _sections(text: str, name: str, stops: tuple[str, ...]) -> list[str]:
-    """Bodies of every ``name:`` label, each running to the next label in ``stops`` (or the end)."""
-    out = []
+def _section_spans(text: str, name: str, stops: tuple[str, ...]) -> list[tuple[int, int]]:
+    """(start, end) of the body of every ``name:`` label: from the label to the next label in ``stops``
+    (or the end of the text), whitespace at both ends excluded (``text[start:end]`` is the body).
+
+    Labels whose bodies run to the same stop share one search for it and one trailing-whitespace scan,
+    so many labels before one stop cost a single pass (they were a pass each).
+    """
     stop_re = re.compile(r"(?<![A-Za-z])\*?(?:" + "|".join(stops) + r")\*?\s*:", re.IGNORECASE) if stops else None
+    n = len(text)
+    out = []
+    searched_from, stop_at = n + 1, n  # the last stop search: from where, and the stop it found (n: none)
+    trimmed: dict[int, int] = {}  # end -> end with trailing whitespace excluded
     for m in _label(name).finditer(text):
-        body = text[m.end():]
-        if stop_re is not None:
-            s = stop_re.search(body)
-            if s:
-                body = body[:s.start()]
-        out.append(body.strip())
+        start = m.end()
+        if stop_re is None:
+            end = n
+        else:
+            if not searched_from <= start <= stop_at:
+                s = stop_re.search(text, start)
+                searched_from, stop_at = start, (s.start() if s else n)
+            end = stop_at
+        if end not in trimmed:
+            e = end
+            while e > 0 and text[e - 1].isspace():
+                e -= 1
+            trimmed[end] = e
+        end = max(start, trimmed[end])
+        while start < end and text[start].isspace():
+            start += 1
+        out.append((start, end))
     return out
 
 
+def _sections(text: str, name: str, stops: tuple[str, ...]) -> list[str]:
+    """Bodies of every ``name:`` label, each running to the next label in ``stops`` (or the end), stripped.
+    Only for ``stops`` that include ``name`` (bodies do not overlap, so their total length is at most
+    the text's); `parse_choice` works on `_section_spans` directly."""
+    return [text[a:b] for a, b in _section_spans(text, name, stops)]
+
+
 def _first_section(text: str, name: str, stops: tuple[str, ...]) -> str | None:
-    secs = _sections(text, name, stops)
-    return secs[0] if secs else None
+    m = _label(name).search(text)
+    if m is None:
+        return None
+    body = text[m.end():]
+    if stops:
+        s = re.compile(r"(?<![A-Za-z])\*?(?:" + "|".join(stops) + r")\*?\s*:", re.IGNORECASE).search(body)
+        if s:
+            body = body[:s.start()]
+    return body.strip()
 
 
 def _strip_quotes(s: str) -> str:
     s = s.strip()
-    while len(s) >= 2 and s[0] == s[-1] and s[0] in "\"'*_":
-        s = s[1:-1].strip()
+    i, j = 0, len(s)  # s[i:j] is the result so far (one copy at the end, not one per quote pair)
+    while j - i >= 2 and s[i] == s[j - 1] and s[i] in "\"'*_":
+        i, j = i + 1, j - 1
+        while i < j and s[i].isspace():
+            i += 1
+        while j > i and s[j - 1].isspace():
+            j -= 1
+    s = s[i:j]
     for a, b in (("\u201c", "\u201d"), ("\u2018", "\u2019")):
         if s.startswith(a) and s.endswith(b):
             s = s[1:-1].strip()
@@ -123,7 +181,33 @@ def _clean_arg(arg: str) -> str:
 _VERB = re.compile(r"^(search|finish|lookup|look\s*up|answer|submit)\b\s*", re.IGNORECASE)
 _VERB_KIND: dict[str, StudentKind] = {"search": "search", "lookup": "search", "look up": "search",
                                       "finish": "finish", "answer": "finish", "submit": "finish"}
-_EXPLICIT = re.compile(r"(?<![A-Za-z])(search|finish)\s*\[([^\]\n]*)\]", re.IGNORECASE)
+# An explicit action anywhere: (?<![A-Za-z])(search|finish)\s*\[([^\]\n]*)\]  (case-insensitive).
+# As one pattern, every "Search[" before the same unclosed line rescans it; `_explicit` finds the
+# openings with `_EXPLICIT_OPEN` and each closing bracket or line end once.
+_EXPLICIT_OPEN = re.compile(r"(?<![A-Za-z])(search|finish)\s*+\[", re.IGNORECASE)
+_ARG_END = re.compile(r"[\]\n]")
+
+
+@dataclass(frozen=True)
+class _Explicit:
+    """The first explicit ``Search[...]`` / ``Finish[...]`` of a text: where it starts, its verb, its
+    argument (up to the first ``]``, on one line) and the whole action text."""
+
+    start: int
+    verb: str
+    arg: str
+    whole: str
+
+
+def _explicit(text: str) -> _Explicit | None:
+    searched_from, term = len(text) + 1, len(text)  # the last search for "]" or a line end
+    for m in _EXPLICIT_OPEN.finditer(text):
+        if not searched_from <= m.end() <= term:
+            t = _ARG_END.search(text, m.end())
+            searched_from, term = m.end(), (t.start() if t else len(text))
+        if term < len(text) and text[term] == "]":
+            return _Explicit(m.start(), m.group(1), text[m.end():term], text[m.start():term + 1])
+    return None
 
 
 def _parse_action_text(a: str) -> tuple[StudentKind, str] | None:
@@ -140,11 +224,11 @@ def _parse_action_text(a: str) -> tuple[StudentKind, str] | None:
         if arg:
             return kind, arg
         return None
-    m = _EXPLICIT.search(a)  # "I will Search[X] now"
-    if m:
-        arg = _clean_arg(m.group(2))
+    e = _explicit(a)  # "I will Search[X] now"
+    if e:
+        arg = _clean_arg(e.arg)
         if arg:
-            return _VERB_KIND[m.group(1).lower()], arg
+            return _VERB_KIND[e.verb.lower()], arg
     return None
 
 
@@ -176,10 +260,10 @@ def parse_student_action(text: object) -> StudentAction:
             if not thought:
                 thought = t[:_label("action").search(t).start()].strip()  # type: ignore[union-attr]
             return StudentAction(thought, got[0], got[1], None, body.split("\n", 1)[0].strip())
-    m = _EXPLICIT.search(t)  # no usable Action: label, but an explicit action somewhere
-    if m and _clean_arg(m.group(2)):
-        return StudentAction(thought or t[:m.start()].strip(), _VERB_KIND[m.group(1).lower()],
-                             _clean_arg(m.group(2)), None, m.group(0))
+    e = _explicit(t)  # no usable Action: label, but an explicit action somewhere
+    if e and _clean_arg(e.arg):
+        return StudentAction(thought or t[:e.start].strip(), _VERB_KIND[e.verb.lower()], _clean_arg(e.arg), None,
+                             e.whole)
     raw = bodies[0].split("\n", 1)[0].strip() if bodies else ""
     if bodies:
         err = f"action not understood: {raw[:80]!r}" if raw else "empty action"
@@ -224,6 +308,13 @@ def parse_teacher_action(text: object) -> TeacherAction:
     return TeacherAction(thought or t.strip(), None, err)
 
 
+# The next "Label:" line after a summary. Reference: \n\s*[A-Z][A-Za-z ]{0,20}: (tried at every newline
+# of a long blank run, rescanning it: quadratic). Only the run's first newline can match first, so the
+# search starts at the start of the whitespace run; the body is cut there (the cut whitespace is
+# stripped anyway).
+_NEXT_LABEL = re.compile(r"(?<!\s)[^\S\n]*\n\s*+[A-Z][A-Za-z ]{0,20}:")
+
+
 @dataclass(frozen=True)
 class Summary:
     text: str
@@ -238,7 +329,7 @@ def parse_summary(text: object) -> Summary:
     if not m:
         return Summary("", "empty output" if not t.strip() else "no 'Summary:' found")
     body = t[m.end():]
-    nxt = re.search(r"\n\s*[A-Z][A-Za-z ]{0,20}:", body)
+    nxt = _NEXT_LABEL.search(body)
     if nxt:
         body = body[:nxt.start()]
     body = body.strip()
@@ -248,11 +339,21 @@ def parse_summary(text: object) -> Summary:
 
 
 _LETTER = r"([A-Da-d])"
-_CHOICE_BODY = re.compile(r"^[\s\"'(\[]*(?:option|choice|answer)?\s*[(\[]?\s*" + _LETTER + r"(?![A-Za-z0-9])",
-                          re.IGNORECASE)
+# Reference patterns (their optional whitespace parts overlap, so a long run of spaces before a
+# non-letter backtracks cubically):
+#   ^[\s"'(\[]*(?:option|choice|answer)?\s*[(\[]?\s*([A-Da-d])(?![A-Za-z0-9])
+#   (?:answer|choice|option)\s+(?:is|would be|should be|=)\s*:?\s*[(\["']?\s*(?:option\s+)?([A-Da-d])(?![A-Za-z0-9])
+# The same languages with possessive parts (none of them can give a character back to a later part and
+# still match: the letter and the words are outside every whitespace/bracket class). Used with
+# ``match(text, start, end)``, so no ``^``.
+_CHOICE_BODY = re.compile(r"[\s\"'(\[]*+(?:(?:option|choice|answer)\s*+[(\[]?+\s*+)?" + _LETTER
+                          + r"(?![A-Za-z0-9])", re.IGNORECASE)
 _ANSWER_IS = re.compile(
-    r"(?:answer|choice|option)\s+(?:is|would be|should be|=)\s*:?\s*[(\[\"']?\s*(?:option\s+)?" + _LETTER
+    r"(?:answer|choice|option)\s++(?:is|would be|should be|=)\s*+:?+\s*+[(\[\"']?+\s*+(?:option\s++)?" + _LETTER
     + r"(?![A-Za-z0-9])", re.IGNORECASE)
+# characters `parse_choice` may strip off the front / the back of an option's line
+_LEAD_STRIPPED = frozenset("\"'*_\u201c\u2018")
+_TRAIL_STRIPPED = frozenset("\"'*_.\u201d\u2019")
 
 
 @dataclass(frozen=True)
@@ -264,32 +365,64 @@ class StudentChoice:
     error: str | None = None
 
 
-def _letter_ok(m: re.Match[str], body: str) -> bool:
+def _letter_ok(m: re.Match[str], text: str, end: int) -> bool:
     # a lowercase "a" is an article unless it stands alone: "a)", "a.", "(a)", "a" at the end
+    # (of ``text[:end]``, whose trailing whitespace the caller has excluded)
     if m.group(1).isupper():
         return True
-    after = body[m.end():].lstrip(" ")
-    return not after or after[0] in ").]:,\n"
+    k = m.end()
+    while k < end and text[k] == " ":
+        k += 1
+    return k >= end or text[k] in ").]:,\n"
+
+
+def _option_line(t: str, start: int, end: int, newlines: list[int], longest: int,
+                 kept_end: dict[int, int]) -> str | None:
+    """The first line of the body ``t[start:end]`` as `parse_choice` compares it with the options, or
+    None when it is too long to equal any: its part that no strip can remove is longer than the longest
+    option (lower-casing never shortens a string). This keeps many labels on one long line from copying
+    that line once each. ``kept_end`` caches, per line end, where its strippable tail begins."""
+    i = bisect.bisect_left(newlines, start)
+    stop = min(end, newlines[i]) if i < len(newlines) else end
+    a = start
+    while a < stop and (t[a] in _LEAD_STRIPPED or t[a].isspace()):
+        a += 1
+    if stop not in kept_end:
+        line_start = newlines[i - 1] + 1 if i > 0 else 0
+        b = stop
+        while b > line_start and (t[b - 1] in _TRAIL_STRIPPED or t[b - 1].isspace()):
+            b -= 1
+        kept_end[stop] = b
+    if kept_end[stop] - a > longest:
+        return None
+    return _strip_quotes(t[start:stop].strip().rstrip("."))
 
 
 def parse_choice(text: object, choices: list[str] | None = None) -> StudentChoice:
     """Parse "Rationale: ... / Choice: A-D"; also "Choice: (B)", "The answer is C", an option's text."""
     t = clean(text)
     rationale = _first_section(t, "rationale", ("choice", "final answer", "answer")) or ""
+    options = [str(c).strip().lower() for c in (choices or [])[:4]]
+    longest = max((len(o) for o in options), default=0)
+    newlines: list[int] | None = None
+    kept_end: dict[int, int] = {}
     for name in ("choice", "final answer", "answer"):
-        for body in _sections(t, name, ("rationale", "choice", "feedback")):
-            m = _CHOICE_BODY.match(body)
-            if m and _letter_ok(m, body):
+        # "final answer" and "answer" bodies may overlap (their stops do not include themselves): spans
+        for start, end in _section_spans(t, name, ("rationale", "choice", "feedback")):
+            m = _CHOICE_BODY.match(t, start, end)
+            if m and _letter_ok(m, t, end):
                 return StudentChoice(rationale or t[:_label(name).search(t).start()].strip(),  # type: ignore[union-attr]
                                      m.group(1).upper())
-            if choices:
-                line = _strip_quotes(body.split("\n", 1)[0].strip().rstrip("."))
-                for i, c in enumerate(choices[:4]):
-                    if line and line.lower() == str(c).strip().lower():
+            if options:
+                if newlines is None:
+                    newlines = [nl.start() for nl in re.finditer("\n", t)]
+                line = _option_line(t, start, end, newlines, longest, kept_end)
+                for i, c in enumerate(options):
+                    if line and line.lower() == c:
                         return StudentChoice(rationale, "ABCD"[i])
     found = list(_ANSWER_IS.finditer(t))
     m = found[-1] if found else None  # the last "the answer is X" is the conclusion
-    if m is not None and _letter_ok(m, t):
+    if m is not None and _letter_ok(m, t, len(t)):
         return StudentChoice(rationale or t[:m.start()].strip(), m.group(1).upper())
     err = "empty output" if not t.strip() else "no choice A-D found"
     return StudentChoice(rationale or t.strip(), None, err)
@@ -331,9 +464,9 @@ def parse_short_answer(text: object) -> str:
     t = clean(text).strip()
     t = _ANSWER_LABEL.sub("", t, count=1)
     t = t.split("\n", 1)[0].strip()
-    m = _EXPLICIT.search(t)
-    if m:
-        t = m.group(2)
+    e = _explicit(t)
+    if e:
+        t = e.arg
     t = t.strip().strip("[]()").strip()
     t = _strip_quotes(t).rstrip(".").strip()
     y = _YES_NO.match(t)
