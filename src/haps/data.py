@@ -290,6 +290,8 @@ def shared_file(task: str, split: str) -> Path:
 HF_DATASETS = {"hotpotqa": ("hotpot_qa", "distractor"), "mmlu": ("cais/mmlu", "all")}
 _HF_SPLIT_ALIASES = {"hotpotqa": {"dev": "validation", "valid": "validation"},
                      "mmlu": {"val": "validation", "valid": "validation", "dev": "dev"}}
+# datasets without ids: "<column>/<split>/<row within that column's value>", as in the shared files
+_HF_ID_GROUP = {"mmlu": "subject"}
 
 
 def load_hf(task: str, split: str, limit: int | None = None, on_error: OnError = "raise") -> list[Problem]:
@@ -323,11 +325,11 @@ def load_hf(task: str, split: str, limit: int | None = None, on_error: OnError =
         if limit is not None and len(problems) >= limit:
             break
         rec = dict(rec)
-        if task == "mmlu":
-            subj = rec.get("subject", "")
-            row = rows.get(subj, 0)
-            rows[subj] = row + 1
-            rec.setdefault("id", f"{subj}/{split}/{row}")
+        if task in _HF_ID_GROUP:
+            group = rec.get(_HF_ID_GROUP[task], "")
+            row = rows.get(group, 0)
+            rows[group] = row + 1
+            rec.setdefault("id", f"{group}/{split}/{row}")
         try:
             prob = parse_record(task, rec)
         except DataError as e:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import typer
 from pydantic import BaseModel, ConfigDict, Field
 
 from haps.cli import app
 from haps.cli.common import build_config, config_opt
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 
 
 class ServeConfig(BaseModel):
@@ -24,7 +27,7 @@ class ServeConfig(BaseModel):
     default_max_tokens: int | None = Field(default=None, ge=1, description="max_tokens of requests that give none.")
     max_tokens_limit: int | None = Field(default=None, ge=1, description="The most tokens a request may ask for.")
     preload: bool = Field(default=True, description="Load every local model before listening.")
-    log_level: str = Field(default="info", description="uvicorn log level.")
+    log_level: LogLevel = Field(default="info", description="uvicorn log level.")
 
 
 @app.command("serve")
@@ -38,7 +41,7 @@ def serve(
     max_tokens_limit: int = typer.Option(None, min=1, help="The most tokens a request may ask for."),
     preload: bool = typer.Option(None, "--preload/--no-preload", help="Load every local model before listening "
                                  "(else on first request)."),
-    log_level: str = typer.Option(None, help="uvicorn log level."),
+    log_level: LogLevel = typer.Option(None, help="uvicorn log level."),
     config: Path = config_opt(),
 ) -> None:
     """Serve POST /v1/chat/completions and GET /v1/models (OpenAI-compatible, batched per model).

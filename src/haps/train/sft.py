@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,6 +28,8 @@ from haps.routing.high_level import HighLevelRouter, HighLevelRouterConfig
 from haps.routing.prompt import RoutingPrompt
 from haps.routing.space import Assignment
 from haps.train.warmup import Balance, TiePolicy
+
+Split = Literal["train", "valid", "test"]
 
 
 class SFTConfig(BaseModel):
@@ -45,8 +47,8 @@ class SFTConfig(BaseModel):
     tie: TiePolicy = Field(default="random", description="Warm-up tie policy: all | random | first.")
     drop_all_zero: bool = Field(default=False, description="Drop problems no assignment solved.")
     balance: Balance = Field(default="none", description="Warm-up class balance: none | undersample | oversample.")
-    train_split: str = Field(default="train", description="Split the warm-up set comes from.")
-    valid_split: str = Field(default="valid", description="Split used for validation by lookup.")
+    train_split: Split = Field(default="train", description="Split the warm-up set comes from.")
+    valid_split: Split = Field(default="valid", description="Split used for validation by lookup.")
     valid_limit: int | None = Field(default=None, ge=1, description="Validate on the first N problems only.")
     workflow: str | None = Field(default=None, description="Workflow spec overriding the collection's recorded "
                                  "one (a name or path/to/file.py:ClassName), e.g. after moving the file.")
