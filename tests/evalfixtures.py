@@ -79,9 +79,10 @@ def fake_infer_module(route: Callable[[str], tuple[int, float, float, bool]], ca
     (assignment index, score, cost, failed); ``calls`` records each call's (router_dir, adapters, ids)."""
     mod = types.ModuleType("haps.infer")
 
-    def run_infer(router_dir, task, problems, *, pool=None, adapters=True, log_path=None, progress=False):
+    def run_infer(router_dir, task, problems, *, pool=None, adapters=True, workflow=None, log_path=None,
+                  progress=False, max_new_tokens=None):
         if calls is not None:
-            calls.append((Path(router_dir), adapters, [p.id for p in problems]))
+            calls.append((Path(router_dir), adapters, [p.id for p in problems], workflow, max_new_tokens))
         out = []
         for p in problems:
             j, score, cost, failed = route(p.id)

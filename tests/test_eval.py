@@ -155,6 +155,8 @@ def test_haps_rows_come_from_run_infer_and_failed_ones_are_counted(tmp_path, mon
     assert h["selection"] == {K_SS: 0.25, K_SB: 0.25, K_BS: 0.5}
     assert [c[1] for c in calls] == [True, False]  # haps with adapters, haps-no-lora without
     assert calls[0][2] == list(TEST_SCORES)
+    assert calls[0][3].name == "mmlu"  # the collection's workflow (its options) is passed on
+    assert h["info"]["passed"] == ["workflow"]  # (the collection set no max_new_tokens)
     # paired against HAPS on the problems both scored: z3 vs HAPS on t0, t2, t3 -> (0 + 0 - 1) / 3
     d = s["methods"][f"static:{K_BB}"]["vs_haps"]["score"]
     assert d["diff"] == pytest.approx(-1 / 3) and d["n"] == 3

@@ -229,11 +229,19 @@ def _baseline(spec: MethodSpec, ctx: Context):
 
 
 def run_haps(plans: Sequence[Plan], problems: Sequence, outcomes, *, task: str, pool, rewarder, out: Path | None,
-             progress: bool) -> dict[str, Any]:
-    """Real episodes of every HAPS plan through ``haps.infer.run_infer``; name -> `MethodRows`."""
+             progress: bool, workflow=None, max_new_tokens: int | None = None) -> dict[str, Any]:
+    """Real episodes of every HAPS plan through ``haps.infer.run_infer``; name -> `MethodRows`.
+
+    ``workflow`` and ``max_new_tokens`` (the collection's, so HAPS plays the episodes the other methods
+    were scored on) are passed when ``run_infer`` takes them."""
+    import inspect
+
     from haps.evaluation.outcomes import MethodRows
     from haps.infer import run_infer
 
+    params = inspect.signature(run_infer).parameters
+    same = {k: v for k, v in (("workflow", workflow), ("max_new_tokens", max_new_tokens))
+            if v is not None and k in params}
     space = outcomes.space
     rows_by_name = {}
     for plan in plans:
@@ -241,7 +249,8 @@ def run_haps(plans: Sequence[Plan], problems: Sequence, outcomes, *, task: str, 
         if log is not None and log.exists():
             log.unlink()
         results = run_infer(Path(plan.spec.arg), task, list(problems), pool=pool, adapters=plan.info["adapters"],
-                            log_path=log, progress=progress)
+                            log_path=log, progress=progress, **same)
+        plan.info["passed"] = sorted(same)
         if len(results) != len(problems):
             raise DataError(f"{plan.spec.name}: run_infer returned {len(results)} results for {len(problems)} "
                             "problems.")

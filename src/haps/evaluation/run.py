@@ -226,7 +226,7 @@ def run_eval(cfg: EvalConfig, *, pool=None, workflow=None, embedder: Callable | 
     if haps_plans:
         say(f"HAPS episodes: {', '.join(p.spec.name for p in haps_plans)}")
         haps_rows = run_haps(haps_plans, test, outcomes, task=col.task, pool=get_pool(), rewarder=rewarder, out=out,
-                             progress=progress)
+                             progress=progress, workflow=workflow, max_new_tokens=col.config.max_new_tokens)
 
     # ------------------------------------------------------------------ metrics
     rows: dict[str, MethodRows] = {}
