@@ -27,25 +27,35 @@ from haps.routing.space import AssignmentSpace
 
 def recompute_rewards(records: list[dict[str, Any]], reward) -> list[dict[str, Any]]:
     """Copies of ``records`` with ``reward`` recomputed under a `haps.metrics.RewardConfig` (a tradeoff
-    reward's cost normaliser is fitted on the train split's costs, as in the paper)."""
+    reward's cost normaliser is fitted on the train split's costs, as in the paper). Failed records
+    (`haps.train.collect.failed_record`) are copied as they are: they get no reward and fit nothing."""
     from haps.metrics import CostNormalizer
+    from haps.train.collect import failed_record
 
+    ok = [r for r in records if not failed_record(r)]
     norm = None
-    if reward.kind == "tradeoff":
-        train = [r["cost"] for r in records if r.get("split") == "train"] or [r["cost"] for r in records]
+    if reward.kind == "tradeoff" and ok:
+        train = [r["cost"] for r in ok if r.get("split") == "train"] or [r["cost"] for r in ok]
         norm = CostNormalizer.fit(train)
-    return [dict(r, reward=reward.compute(r["score"], r["cost"], norm)) for r in records]
+    return [dict(r) if failed_record(r) else dict(r, reward=reward.compute(r["score"], r["cost"], norm))
+            for r in records]
 
 
 @dataclass
 class ActionTable:
-    """r(p, z), score and cost as (P, A) tensors; NaN where (p, z) was not collected."""
+    """r(p, z), score and cost as (P, A) tensors; NaN where (p, z) was not collected.
+
+    Failed records (`haps.train.collect.failed_record`: a failed episode, no reward) are never read:
+    ``failed_records`` counts them and ``failed`` (P, A) marks the cells that have only a failed record
+    (NaN like an uncollected cell; `evaluate` counts a policy's picks of them as ``failed``)."""
 
     space: AssignmentSpace
     problem_ids: list[str]
     reward: torch.Tensor
     score: torch.Tensor
     cost: torch.Tensor
+    failed: torch.Tensor | None = None  # (P, A) bool
+    failed_records: int = 0
 
     @classmethod
     def from_records(cls, records: Iterable[dict[str, Any]], space: AssignmentSpace,
@@ -56,6 +66,13 @@ class ActionTable:
             have = sorted({str(r.get("split")) for r in records})
             raise DataError(f"no action-level records for split {split!r} (the data has {have or 'none'}); evaluate "
                             "another split (--split, or all) or collect more problems.")
+        from haps.train.collect import failed_record
+
+        bad = [r for r in recs if failed_record(r)]
+        recs = [r for r in recs if not failed_record(r)]
+        if not recs:
+            raise DataError(f"every action-level record for split {split!r} is a failed episode ({len(bad)}); rerun "
+                            "`haps collect` once the failing model works to fill them in.")
         pids = list(dict.fromkeys(r["problem_id"] for r in recs))
         row = {p: i for i, p in enumerate(pids)}
         shape = (len(pids), space.size)
@@ -64,7 +81,13 @@ class ActionTable:
             j = space.index(space.from_names(r["assignment"]))
             for k in t:
                 t[k][row[r["problem_id"]], j] = float(r[k])
-        return cls(space, pids, t["reward"], t["score"], t["cost"])
+        failed = torch.zeros(shape, dtype=torch.bool)
+        for r in bad:
+            i = row.get(r["problem_id"])
+            if i is not None:
+                j = space.index(space.from_names(r["assignment"]))
+                failed[i, j] = bool(torch.isnan(t["reward"][i, j]))
+        return cls(space, pids, t["reward"], t["score"], t["cost"], failed, len(bad))
 
     @property
     def complete(self) -> bool:
@@ -95,14 +118,17 @@ class ActionTable:
 
     def evaluate(self, pi: torch.Tensor) -> dict[str, Any]:
         """Lookup metrics of policy ``pi`` (P, A); a problem whose chosen z was not collected is skipped
-        and counted in ``missing``."""
+        and counted in ``missing``, one whose chosen z only failed is skipped and counted in ``failed``."""
         pi = pi.double()
         have = ~torch.isnan(self.reward)
-        missing_mass = (pi * (~have)).sum(1)  # (P,)
-        ok = missing_mass < 1e-9
+        failed = self.failed if self.failed is not None else torch.zeros_like(have)
+        missing_mass = (pi * (~have & ~failed)).sum(1)  # (P,)
+        failed_mass = (pi * failed).sum(1)
+        ok = (missing_mass < 1e-9) & (failed_mass < 1e-9)
         best = torch.nan_to_num(self.reward, nan=-math.inf).max(1, keepdim=True).values
         is_best = (self.reward == best) & have  # (P, A)
-        out: dict[str, Any] = {"problems": int(ok.sum()), "missing": int((~ok).sum())}
+        out: dict[str, Any] = {"problems": int(ok.sum()), "missing": int((missing_mass >= 1e-9).sum()),
+                               "failed": int(((failed_mass >= 1e-9) & (missing_mass < 1e-9)).sum())}
         for name, t in (("reward", self.reward), ("score", self.score), ("cost", self.cost)):
             v = (pi * torch.nan_to_num(t, nan=0.0)).sum(1)
             out[name] = float(v[ok].mean()) if ok.any() else math.nan
@@ -137,19 +163,22 @@ def router_policies(router, table: ActionTable, prompts: Sequence, name: str = "
 
 
 def lookup_report(table: ActionTable, policies: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    return {"problems": len(table.problem_ids), "complete": table.complete,
+    return {"problems": len(table.problem_ids), "complete": table.complete, "failed_records": table.failed_records,
             "policies": {n: table.evaluate(pi) for n, pi in policies.items()}}
 
 
 def report_table(report: Mapping[str, Any], title: str = "evaluation by lookup"):
     from rich.table import Table
 
-    t = Table(title=f"{title} ({report['problems']} problems)")
-    for c in ("policy", "reward", "score", "cost", "best z", "selection"):
+    skipped = report.get("failed_records", 0)
+    t = Table(title=f"{title} ({report['problems']} problems"
+                    + (f"; {skipped} failed episode records skipped" if skipped else "") + ")")
+    for c in ("policy", "reward", "score", "cost", "best z", "failed", "selection"):
         t.add_column(c, justify="left" if c in ("policy", "selection") else "right")
     for name, m in report["policies"].items():
         sel = ", ".join(f"{k}: {v:.0%}" for k, v in m["selection"].items() if v > 0.005)
-        t.add_row(name, f"{m['reward']:.4f}", f"{m['score']:.4f}", f"{m['cost']:.3g}", f"{m['best_rate']:.1%}", sel)
+        t.add_row(name, f"{m['reward']:.4f}", f"{m['score']:.4f}", f"{m['cost']:.3g}", f"{m['best_rate']:.1%}",
+                  str(m.get("failed", 0)), sel)
     return t
 
 

@@ -23,9 +23,16 @@ from haps.cli.common import (
     data_path,
     options_opt,
     parse_options,
+    report_failures,
     workflow_opt,
 )
 from haps.files import write_json_atomic
+
+
+def _mean_score(results) -> float | None:
+    """Mean score over the episodes that did not fail (None: all failed)."""
+    ok = [r.score for r in results if not r.failed]
+    return round(sum(ok) / len(ok), 4) if ok else None
 
 
 def _totals_delta(before: dict, after: dict) -> dict:
@@ -123,7 +130,7 @@ def bench_episodes(
             "wall_s": round(wall, 2), "episodes_per_s": round(len(res) / wall, 4),
             "tokens_out": stats.tokens_out, "tokens_in": stats.tokens_in,
             "tokens_per_s": round(stats.tokens_out / wall, 2), "model_calls": stats.calls, "turns": stats.turns,
-            "mean_score": round(sum(r.score for r in res) / len(res), 4), "metric": workflow.metric,
+            "mean_score": _mean_score(res), "metric": workflow.metric, "failed": stats.failed,
             "parse_failure_rate": round(stats.parse_failures / max(stats.turns, 1), 4),
             "per_model": {name: _totals_delta(before[name], getattr(mp.backend(name), "totals", {}))
                           for name in sorted(before)},
@@ -144,11 +151,13 @@ def bench_episodes(
 
     t = Table(title=f"{n} {workflow.name} episodes, " + ", ".join(f"{r}={m}" for r, m in assignment.items())
               + f", greedy, {cfg.max_new_tokens} tokens/call")
-    for col in ("mode", "wall s", "episodes/s", "tokens/s", "model calls", f"mean {workflow.metric}", "parse fail"):
+    for col in ("mode", "wall s", "episodes/s", "tokens/s", "model calls", f"mean {workflow.metric}", "parse fail",
+                "failed"):
         t.add_column(col, justify="right" if col != "mode" else "left")
     for mode, m in modes.items():
         t.add_row(mode, f"{m['wall_s']:.1f}", f"{m['episodes_per_s']:.3f}", f"{m['tokens_per_s']:.1f}",
-                  str(m["model_calls"]), f"{m['mean_score']:.3f}", f"{m['parse_failure_rate']:.1%}")
+                  str(m["model_calls"]), "-" if m["mean_score"] is None else f"{m['mean_score']:.3f}",
+                  f"{m['parse_failure_rate']:.1%}", str(m["failed"]))
     con.print(t)
     b = Table(title="where the time went (per model)")
     for col in ("mode", "model", "batches", "rows/batch", "prefill s", "decode s", "computed/prompt tokens"):
@@ -162,3 +171,6 @@ def bench_episodes(
     con.print(b)
     con.print(f"speed-up lockstep / one-at-a-time: [bold]{ratio:.2f}x[/bold] (target >= 5x); identical predictions: "
               f"{same}/{n}. JSON: {cfg.out}")
+    failed = sum(m["failed"] for m in modes.values())
+    report_failures([f"{failed} episode(s) failed (a model call errored); the timings do not compare like with "
+                     "like. See the episodes' errors with `haps run` on the same settings."] if failed else [])

@@ -16,6 +16,7 @@ from haps.cli.common import (
     options_opt,
     parse_options,
     per_task,
+    report_failures,
     workflow_opt,
 )
 
@@ -37,10 +38,15 @@ def collect_cmd(
     max_enumerate: int = typer.Option(None, min=1, help="Enumerate all assignments up to this many."),
     seed: int = typer.Option(None, help="Seed (assignment sampling, agent sampling)."),
     chunk_size: int = typer.Option(None, min=1, help="Problems per lockstep runner call (may change on resume)."),
+    max_attempts: int = typer.Option(None, min=1, help="Runs that may try a (problem, assignment) whose episode "
+                                     "fails (default 3; may change on resume: raise it to retry ones out of attempts)."),
     option: list[str] = options_opt(),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
-    """Run every assignment for every problem and record r(p, z) (resumable: rerun the same command)."""
+    """Run every assignment for every problem and record r(p, z) (resumable: rerun the same command).
+
+    An episode whose model call failed (e.g. an API endpoint down) records nothing: it is logged in
+    DIR/failures.jsonl and retried by the next run, up to --max-attempts; the command then exits 1."""
     from rich.console import Console
 
     from haps.errors import ConfigError
@@ -55,11 +61,12 @@ def collect_cmd(
     cfg = build_config(CollectConfig, per_task(base, task, PER_TASK), {
         "task": task, "data": data, "limit": limit, "pool": pool, "max_new_tokens": max_new_tokens,
         "sample": sample, "max_enumerate": max_enumerate, "seed": seed, "chunk_size": chunk_size,
-        "workflow_options": parse_options(option)})
+        "max_attempts": max_attempts, "workflow_options": parse_options(option)})
     if cfg.data:
         cfg.data = data_path(cfg.data)
     check_out(out, folder=True)
     s = collect(cfg, out, progress=progress, require_splits=True)
     Console().print(f"[bold]{s.out}[/]: {s.total} (problem, assignment) pairs, {s.done_before} already done, "
-                    f"{s.written} written in {s.seconds:.1f}s ({s.episodes_per_s:.3f} episodes/s)"
+                    f"{s.written} written, {s.failed} failed in {s.seconds:.1f}s ({s.episodes_per_s:.3f} episodes/s)"
                     + (f"; repaired a torn last line ({s.repaired_bytes} bytes)" if s.repaired_bytes else ""))
+    report_failures([s.failure_summary() or "", *s.capped_lines()])

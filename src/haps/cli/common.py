@@ -25,6 +25,10 @@ WORKFLOW_HELP = ("Workflow: a registered name (hotpotqa, mmlu), an installed plu
 OPTION_HELP = "Workflow option KEY=VALUE, VALUE read as YAML (repeatable; e.g. -o budget=2 -o summaries=false)."
 CONFIG_HELP = "YAML file of the command's config fields; options given on the command line win."
 
+#: exit status of a command that ran but some of whose episodes failed (a model call errored; see
+#: `report_failures`); user errors exit with `haps.cli.USER_ERROR` (2)
+EPISODES_FAILED = 1
+
 
 def workflow_opt(default: Any = None) -> Any:
     """The ``--task/--workflow/-t`` option (same meaning under both names)."""
@@ -123,3 +127,18 @@ def check_out(path: str | os.PathLike | None, *, folder: bool = False, what: str
         from haps.files import check_writable
 
         check_writable(path, folder=folder, what=what)
+
+
+def report_failures(lines: list[str]) -> None:
+    """Print ``lines`` (what failed and what to do) in red on stderr and exit with `EPISODES_FAILED`;
+    nothing to report: return."""
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        return
+    from rich.console import Console
+    from rich.text import Text
+
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
+    for ln in lines:
+        err.print(Text(f"failed: {' '.join(ln.split())}", style="bold red"))
+    raise typer.Exit(EPISODES_FAILED)

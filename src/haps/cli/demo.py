@@ -16,7 +16,7 @@ import typer
 from pydantic import BaseModel, ConfigDict, Field
 
 from haps.cli import app
-from haps.cli.common import build_config, check_out, config_opt
+from haps.cli.common import build_config, check_out, config_opt, report_failures
 
 
 class DemoConfig(BaseModel):
@@ -72,7 +72,8 @@ def demo(
                              max_new_tokens=cfg.max_new_tokens, workflow_options=cfg.workflow_options.get(task, {}),
                              seed=cfg.seed)
         console.rule(f"[bold]{task}: collect every assignment")
-        collect(ccfg, folder / "actions")
+        got = collect(ccfg, folder / "actions")
+        report_failures([got.failure_summary() or "", *got.capped_lines()])  # stop: no router on a partial table
         console.rule(f"[bold]{task}: SFT of the high-level router")
         ckpt = folder / "router"
         run_sft(folder / "actions", ckpt, SFTConfig(epochs=cfg.epochs, seed=cfg.seed))

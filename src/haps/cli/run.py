@@ -17,6 +17,7 @@ from haps.cli.common import (
     data_path,
     options_opt,
     parse_options,
+    report_failures,
     workflow_opt,
 )
 
@@ -68,7 +69,9 @@ def run(
     config: Path = config_opt(),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Run episodes of a workflow for one assignment of models to roles; print score, parse failures, tokens, cost."""
+    """Run episodes of a workflow for one assignment of models to roles; print score, parse failures, tokens, cost.
+
+    Exits 1 when any episode failed (a model call errored): it has no score and is logged as failed."""
     from rich.console import Console
     from rich.table import Table
 
@@ -99,8 +102,9 @@ def run(
     t.add_column("value", justify="right")
     rows = [
         ("episodes", f"{s['episodes']}"),
-        (f"mean score ({workflow.metric})", f"{s['score']:.4f}"),
-        ("exact match", f"{s['em']:.4f}"),
+        ("failed episodes (no score)", f"{s['failed']}"),
+        (f"mean score ({workflow.metric})", "-" if s["score"] is None else f"{s['score']:.4f}"),
+        ("exact match", "-" if s["em"] is None else f"{s['em']:.4f}"),
         ("parse failures / turns", f"{s['parse_failure_rate']:.1%} of {s['turns']}"),
         ("null predictions", f"{s['null_predictions']}"),
         ("tokens in / out", f"{s['tokens_in']} / {s['tokens_out']}"),
@@ -114,3 +118,7 @@ def run(
     con.print(t)
     if cfg.out is not None:
         con.print(f"episode log: {cfg.out}")
+    if s["failed"]:
+        models = ", ".join(f"{m}: {n}" for m, n in sorted(s["failed_by_model"].items()))
+        report_failures([f"{s['failed']} of {s['episodes']} episodes failed ({models}) and have no score; first "
+                         f"error: {s['first_error']}. The mean score is over the others; fix the cause and rerun."])

@@ -8,6 +8,8 @@ each model gets large batches. Output folder::
                              fields that change results, `RESULT_FIELDS`, must match)
     DIR/actions.jsonl        one JSON per (problem, z): problem_id, split, assignment, reward, score, ...
     DIR/episodes/*.jsonl     the runner's episode logs; each action points at its file and episode id
+    DIR/failures.jsonl       one JSON per failed episode (a model call errored): problem_id, key,
+                             attempt, error, the call that failed; such an episode records no action
 
 Resumable: records are appended one line at a time with flush + fsync; at start-up a torn last line
 (a kill mid-write) is cut off, done (problem, z) keys are skipped, and a resumed run whose arguments
@@ -15,6 +17,13 @@ differ from the manifest's in a field that changes results fails with the differ
 that only change how the run goes, `RUN_FIELDS`, may differ). Killed at any point and restarted with the
 same arguments, the run ends with every (problem, z) recorded exactly once. A run that fails before its
 first record removes the folder's files it created.
+
+Failures are never data: an episode that failed (`EpisodeResult.failed`: one of its model calls ended
+in an error, e.g. an API endpoint that stayed down through the client's retries) writes no action
+record, only a line in ``failures.jsonl``; the next run retries it, until ``max_attempts`` attempts of
+that (problem, z) have failed; then it is reported (`CollectSummary.capped`, one line each naming the
+problem, the assignment, the last error and what to do) and left unrecorded. Readers of the records
+(warm-up, SFT, evaluation) skip any record that is a failure (`failed_record`) and count it.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +47,7 @@ from haps.progress import progress_bar
 from haps.routing.space import Assignment, AssignmentSpace
 
 ACTIONS = "actions.jsonl"
+FAILURES = "failures.jsonl"
 MANIFEST = "manifest.json"
 EPISODES = "episodes"
 FORMAT = "haps-actions/1"
@@ -71,6 +81,9 @@ class CollectConfig(BaseModel):
                                                    "are recomputed downstream, e.g. haps eval-lookup --reward-kind).")
     chunk_size: int = Field(default=8, ge=1, description="Problems per lockstep runner call (all their "
                             "assignments at once).")
+    max_attempts: int = Field(default=3, ge=1, description="Runs that may try a (problem, assignment) whose "
+                              "episode fails (a model call errored); after this many failures it is reported and "
+                              "left unrecorded (raise it and rerun to try again).")
 
     @field_validator("task")
     @classmethod
@@ -101,6 +114,7 @@ RESULT_FIELDS: dict[str, str] = {
 #: CollectConfig fields that change how a run goes, not what it records (free to change on resume).
 RUN_FIELDS: dict[str, str] = {
     "chunk_size": "batching only; a resumed run chunks the remaining problems anew anyway",
+    "max_attempts": "how often a failed episode is retried; a recorded episode is the same either way",
 }
 #: Model-spec / pool fields that change how calls are made, not what they return (not compared on resume).
 POOL_RUN_FIELDS: dict[str, str] = {
@@ -114,6 +128,12 @@ POOL_RUN_FIELDS: dict[str, str] = {
 # ------------------------------------------------------------------------------------------- files
 def record_key(problem_id: str, assignment_key: str) -> str:
     return f"{problem_id}\t{assignment_key}"
+
+
+def failed_record(rec: dict[str, Any]) -> bool:
+    """Whether an action record stands for a failed episode (``failed: true``, or no reward or score): it
+    is never read as a reward. `collect` writes none; older or hand-made files may hold some."""
+    return bool(rec.get("failed")) or rec.get("reward") is None or rec.get("score") is None
 
 
 def read_actions(path: str | Path) -> list[dict[str, Any]]:
@@ -148,10 +168,47 @@ class CollectSummary:
     written: int  # recorded by this run
     repaired_bytes: int
     seconds: float
+    failures: list[dict[str, Any]] = field(default_factory=list)  # this run's failed episodes (failures.jsonl)
+    capped: list[dict[str, Any]] = field(default_factory=list)  # last failure of each pair out of attempts
+    max_attempts: int = 3
+
+    @property
+    def failed(self) -> int:
+        """Episodes of this run that failed (not recorded)."""
+        return len(self.failures)
+
+    @property
+    def complete(self) -> bool:
+        return self.done_before + self.written == self.total
 
     @property
     def episodes_per_s(self) -> float:
         return self.written / self.seconds if self.seconds > 0 else 0.0
+
+    def failure_summary(self) -> str | None:
+        """One line on this run's failed episodes (how many, on which model, the first error), or None."""
+        if not self.failures:
+            return None
+        by_model: dict[str, int] = {}
+        for f in self.failures:
+            m = (f.get("call") or {}).get("model", "?")
+            by_model[m] = by_model.get(m, 0) + 1
+        models = ", ".join(f"{m}: {n}" for m, n in sorted(by_model.items()))
+        retry = len(self.failures) - sum(1 for f in self.failures if f["attempt"] >= self.max_attempts)
+        return (f"{len(self.failures)} episode(s) failed and were not recorded ({models}); first error: "
+                f"{self.failures[0]['error']}. Logged in {self.out / FAILURES}; {retry} will be retried by the "
+                "next run of the same command.")
+
+    def capped_lines(self) -> list[str]:
+        """One line per (problem, assignment) that failed ``max_attempts`` times and is left unrecorded."""
+        out = []
+        for f in self.capped:
+            call = f.get("call") or {}
+            where = f" ({call.get('role')} on {call.get('model')}, round {call.get('round')})" if call else ""
+            out.append(f"problem {f['problem_id']!r}, assignment {f['key']}: failed {f['attempt']} of "
+                       f"{self.max_attempts} attempts, no reward recorded; last error{where}: {f['error']}. Fix "
+                       f"the cause, then rerun with --max-attempts {f['attempt'] + 1} (or more) to try it again.")
+        return out
 
 
 def _pool_dump(pool) -> Any:
@@ -280,11 +337,21 @@ def collect(cfg: CollectConfig, out: str | Path, *, problems: Sequence | None = 
 
     actions_p = out / ACTIONS
     repaired = repair_jsonl(actions_p)
-    done = {record_key(r["problem_id"], r["key"]) for r in read_actions(actions_p)} if actions_p.exists() else set()
+    done = ({record_key(r["problem_id"], r["key"]) for r in read_actions(actions_p) if not failed_record(r)}
+            if actions_p.exists() else set())
+    failures_p = out / FAILURES
+    repaired += repair_jsonl(failures_p)
+    tried: dict[str, dict[str, Any]] = {}  # pair -> its last failure (with the attempt number)
+    for f in read_jsonl(failures_p) if failures_p.exists() else []:
+        tried[record_key(f["problem_id"], f["key"])] = f
 
     plan = [(p, z) for p in problems for z in assignments_for(space, p.id, cfg)]
-    todo = [(p, z) for p, z in plan if record_key(p.id, space.key(z)) not in done]
-    done_before = len(plan) - len(todo)
+    pending = [(p, z) for p, z in plan if record_key(p.id, space.key(z)) not in done]
+    done_before = len(plan) - len(pending)
+    capped = [tried[k] for k in (record_key(p.id, space.key(z)) for p, z in pending)
+              if k in tried and tried[k]["attempt"] >= cfg.max_attempts]
+    out_of_attempts = {record_key(f["problem_id"], f["key"]) for f in capped}
+    todo = [(p, z) for p, z in pending if record_key(p.id, space.key(z)) not in out_of_attempts]
     # chunks of whole problems, in problem order
     by_problem: dict[str, list[tuple[Any, Assignment]]] = {}
     for p, z in todo:
@@ -295,8 +362,9 @@ def collect(cfg: CollectConfig, out: str | Path, *, problems: Sequence | None = 
         job_factory = _episode_job
 
     written = 0
+    failures: list[dict[str, Any]] = []
     try:
-        with progress_bar(progress) as bar, JsonlAppender(actions_p) as app:
+        with progress_bar(progress) as bar, JsonlAppender(actions_p) as app, JsonlAppender(failures_p) as fail_log:
             task_id = bar.add_task(f"collect {workflow.name}", total=len(plan), completed=done_before)
             for ci, chunk in enumerate(chunks):
                 jobs = [job_factory(p, space.to_names(z)) for p, z in chunk]
@@ -307,6 +375,15 @@ def collect(cfg: CollectConfig, out: str | Path, *, problems: Sequence | None = 
                     raise ConfigError(f"runner returned {len(results)} results for {len(jobs)} jobs.")
                 lines = _log_lines(out / log_name)
                 for (p, z), res in zip(chunk, results, strict=False):
+                    if getattr(res, "failed", False):  # never a reward: logged, retried by the next run
+                        key = record_key(p.id, space.key(z))
+                        f = _failure(p, z, res, space, split_of, log_name, lines, run_no,
+                                     tried.get(key, {}).get("attempt", 0) + 1)
+                        fail_log.write(f)
+                        failures.append(f)
+                        if f["attempt"] >= cfg.max_attempts:
+                            capped.append(f)
+                        continue
                     rec = _record(p, z, res, space, split_of, reward_cfg, log_name, lines)
                     app.write(rec)
                     written += 1
@@ -314,19 +391,37 @@ def collect(cfg: CollectConfig, out: str | Path, *, problems: Sequence | None = 
                         on_record(rec)
                 bar.advance(task_id, len(chunk))
     except BaseException:
-        if fresh and written == 0 and done_before == 0:  # nothing collected: leave nothing behind
+        if fresh and written == 0 and done_before == 0 and not failures:  # nothing collected: leave nothing
             _remove_fresh(out, created)
         raise
-    return CollectSummary(out, len(plan), done_before, written, repaired, time.perf_counter() - t0)
+    return CollectSummary(out, len(plan), done_before, written, repaired, time.perf_counter() - t0,
+                          failures=failures, capped=capped, max_attempts=cfg.max_attempts)
+
+
+def _pointer(res, z: Assignment, space: AssignmentSpace, log_name: str, lines: dict[tuple[str, str], int]):
+    ptr: dict[str, Any] = {"file": log_name, "id": str(res.id)}
+    line = lines.get((str(res.id), space.key(z)))
+    if line is not None:
+        ptr["line"] = line
+    return ptr
+
+
+def _failure(p, z: Assignment, res, space: AssignmentSpace, split_of: dict[str, str], log_name: str,
+             lines: dict[tuple[str, str], int], run_no: int, attempt: int) -> dict[str, Any]:
+    """The failures.jsonl line of one failed episode (no reward, no score)."""
+    return {
+        "problem_id": p.id, "split": split_of.get(p.id), "key": space.key(z), "assignment": space.to_names(z),
+        "attempt": attempt, "error": str(getattr(res, "error", None) or "the episode failed"),
+        "call": getattr(res, "failed_call", None), "run": run_no, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "tokens_in": int(res.tokens_in), "tokens_out": int(res.tokens_out), "cost": float(res.cost),
+        "episode_log": _pointer(res, z, space, log_name, lines),
+    }
 
 
 def _record(p, z: Assignment, res, space: AssignmentSpace, split_of: dict[str, str], reward_cfg, log_name: str,
             lines: dict[tuple[str, str], int]) -> dict[str, Any]:
     """The actions.jsonl line of one finished episode."""
-    ptr: dict[str, Any] = {"file": log_name, "id": str(res.id)}
-    line = lines.get((str(res.id), space.key(z)))
-    if line is not None:
-        ptr["line"] = line
+    ptr = _pointer(res, z, space, log_name, lines)
     return {
         "problem_id": p.id, "split": split_of.get(p.id), "key": space.key(z),
         "assignment": space.to_names(z), "assignment_ids": list(z),

@@ -8,6 +8,10 @@ Tie policies: ``all`` keeps every best assignment (one example each), ``random``
 is 0): their "best" label is arbitrary. Class balance over assignment labels: ``undersample`` cuts
 every label to the rarest label's count, ``oversample`` repeats examples of every label (sampled with
 replacement) up to the commonest label's count; both seeded.
+
+Failed episodes are never rewards: a record that is one (`haps.train.collect.failed_record`: ``failed:
+true`` or no reward) is skipped before anything else and counted (``failed_records``, per assignment
+in ``failed_by_key``); the best assignment of a problem is chosen among its other records.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class WarmupStats:
     all_zero_share: float  # share of problems no assignment solved (before dropping)
     labels_before_balance: dict[str, int] = field(default_factory=dict)
     labels: dict[str, int] = field(default_factory=dict)
+    failed_records: int = 0  # records of failed episodes, skipped
+    failed_by_key: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -54,15 +60,16 @@ class WarmupStats:
 
         t = Table(title=f"{title}: {self.examples} examples from {self.problems} problems "
                         f"(ties {self.tie_share:.1%}, all-zero {self.all_zero_share:.1%}, "
-                        f"dropped {self.dropped_all_zero})")
+                        f"dropped {self.dropped_all_zero}, failed records skipped {self.failed_records})")
         t.add_column("assignment")
         t.add_column("best (before balance)", justify="right")
         t.add_column("examples", justify="right")
         t.add_column("share", justify="right")
-        for k in sorted(set(self.labels_before_balance) | set(self.labels)):
+        t.add_column("failed (skipped)", justify="right")
+        for k in sorted(set(self.labels_before_balance) | set(self.labels) | set(self.failed_by_key)):
             n = self.labels.get(k, 0)
             t.add_row(k, str(self.labels_before_balance.get(k, 0)), str(n),
-                      f"{n / self.examples:.1%}" if self.examples else "-")
+                      f"{n / self.examples:.1%}" if self.examples else "-", str(self.failed_by_key.get(k, 0)))
         return t
 
 
@@ -96,10 +103,16 @@ def build_warmup(records: Iterable[dict[str, Any]], *, split: str | None = "trai
         raise ConfigError(f"tie policy must be one of {TIE_POLICIES}, got {tie!r}.")
     if balance not in BALANCES:
         raise ConfigError(f"balance must be one of {BALANCES}, got {balance!r}.")
+    from haps.train.collect import failed_record
+
     recs = [r for r in records if split is None or r.get("split") == split]
+    failed = Counter(str(r.get("key")) for r in recs if failed_record(r))
+    recs = [r for r in recs if not failed_record(r)]
     groups = group_by_problem(recs)
     if not groups:
-        raise DataError(f"no action-level records for split {split!r}; check the data folder and the split name.")
+        why = (f" ({sum(failed.values())} failed episode records skipped; rerun `haps collect` to fill them in)"
+               if failed else "")
+        raise DataError(f"no action-level records for split {split!r}{why}; check the data folder and the split name.")
     rank = {k: i for i, k in enumerate(order)} if order is not None else None
     examples: list[WarmupExample] = []
     ties = zeros = dropped = 0
@@ -127,7 +140,8 @@ def build_warmup(records: Iterable[dict[str, Any]], *, split: str | None = "trai
     n = len(groups)
     stats = WarmupStats(problems=n, examples=len(examples), dropped_all_zero=dropped, tie_share=ties / n,
                         all_zero_share=zeros / n, labels_before_balance=before,
-                        labels=dict(Counter(e.key for e in examples)))
+                        labels=dict(Counter(e.key for e in examples)), failed_records=sum(failed.values()),
+                        failed_by_key=dict(failed))
     return examples, stats
 
 

@@ -59,6 +59,7 @@ class Turn:
     tokens_out: int = 0
     cost: float = 0.0
     parse_error: str | None = None
+    error: str | None = None  # the call itself failed (`Generation.error`): the episode ended here, failed
     finish_reason: str = ""
     token_ids: list[int] = field(default_factory=list, repr=False)
     logprobs: list[float] = field(default_factory=list, repr=False)
@@ -79,7 +80,14 @@ class Turn:
 
 @dataclass
 class EpisodeResult:
-    """One finished episode: its turns, prediction and score (F1 for HotpotQA, accuracy for MMLU)."""
+    """One finished episode: its turns, prediction and score (F1 for HotpotQA, accuracy for MMLU).
+
+    A failed episode (``failed``: one of its model calls ended in ``finish_reason == "error"``, e.g. an
+    API call that still failed after the client's retries) stopped at that call. It has no prediction
+    and no score: ``score`` and ``em`` are None, never 0, so nothing can average it as a reward;
+    ``error`` is the call's error text and ``failed_call`` says which call it was ({"role", "model",
+    "round", "kind"}); its last turn is that call, with the error. Tokens and cost count what was spent.
+    """
 
     id: str
     task: str
@@ -87,11 +95,14 @@ class EpisodeResult:
     turns: list[Turn]
     prediction: str | None
     gold: str
-    score: float
-    em: float
+    score: float | None
+    em: float | None
     tokens_in: int
     tokens_out: int
     cost: float
+    failed: bool = False
+    error: str | None = None
+    failed_call: dict[str, Any] | None = None
 
     @property
     def parse_failures(self) -> int:
@@ -207,6 +218,18 @@ class Workflow(ABC):
     def advance(self, state: EpisodeState, role: str, generation: Generation) -> None:
         """Consume the generation for the first pending call of ``role``; record a Turn."""
 
+    def fail(self, state: EpisodeState, role: str, generation: Generation) -> Turn:
+        """End the episode at a failed call (`generation_failed`): consume the first pending call of
+        ``role``, record it as a Turn carrying the error, and stop (no more calls, no prediction). The
+        runner calls this instead of `advance`, so no workflow reads a failed call's empty text as the
+        model's answer; a workflow overriding it must still record the Turn and stop."""
+        call = self._take(state, role)
+        turn = self._record(state, call, generation, generation.text)
+        turn.error = failure_text(generation)
+        state.waiting = []
+        state.finished = True
+        return turn
+
     def done(self, state: EpisodeState) -> bool:
         return state.finished
 
@@ -268,8 +291,20 @@ def build_options(cls: type[BaseModel], workflow: str, options: Mapping[str, Any
         raise ConfigError(f"workflow {workflow!r}: invalid options: {msgs}. Valid options: {valid}.") from None
 
 
+def generation_failed(gen: Generation) -> bool:
+    """Whether a call failed (an API error after retries, a request the backend refused): the runner
+    then ends the episode as failed (`Workflow.fail`) instead of handing the generation to the workflow."""
+    return gen.error is not None or gen.finish_reason == "error"
+
+
+def failure_text(gen: Generation) -> str:
+    """The error of a failed generation, as recorded on its turn and its episode."""
+    return gen.error or "the backend returned finish_reason 'error' without a message"
+
+
 def generation_text(gen: Generation) -> str:
-    """The text of a generation; a failed call (API error) counts as an empty output."""
+    """The text of a generation. The runner never passes a failed one to a workflow; a workflow driven by
+    hand that gets one sees an empty output."""
     return gen.text if gen.error is None else ""
 
 

@@ -8,9 +8,17 @@ Semantics::
         for model, bucket in group_by(calls, key=assignment[episode][call.role]):   # paper, App. E.2
             gens = pool.generate(model, [call.request + sampling + adapter of its role])
             for (episode, call), gen in zip(bucket, gens):
-                workflow.advance(episode, call.role, gen)
+                if gen.finish_reason == "error":             # a failed call is a failed episode:
+                    workflow.fail(episode, call.role, gen)   # its turn records the error; no more calls
+                else:
+                    workflow.advance(episode, call.role, gen)
         for episode in live if workflow.done(episode):
-            score it, append its JSONL line (flush + fsync), replace it by the next waiting episode
+            score it (a failed one: failed=True, score None), append its JSONL line (flush + fsync),
+            replace it by the next waiting episode
+
+A failed call (`generation_failed`: ``finish_reason == "error"``, an API call that failed after its
+retries) ends its episode there, for every workflow: the rule lives here, not in the workflows. The
+episode's other calls of that step are dropped (not sent, or their results not used).
 
 ``max_live=1`` runs the same episodes one at a time (the reference the benchmark compares to).
 With greedy decoding both give the same predictions, up to float rounding in batched kernels.
@@ -31,7 +39,7 @@ from haps.errors import ConfigError
 from haps.files import JsonlAppender
 from haps.models.types import GenRequest, RowAdapter
 from haps.progress import progress_bar
-from haps.workflows.base import EpisodeResult, EpisodeState, Workflow
+from haps.workflows.base import EpisodeResult, EpisodeState, Turn, Workflow, generation_failed
 
 
 class Sampling(BaseModel):
@@ -65,6 +73,7 @@ class RunStats:
     cost: float = 0.0
     wall_s: float = 0.0
     calls: int = 0  # pool.generate calls (batches)
+    failed: int = 0  # episodes that ended at a failed call (counted in ``episodes`` too)
 
     @property
     def episodes_per_s(self) -> float:
@@ -113,6 +122,7 @@ def run_episodes(pool, workflow: Workflow, jobs: Sequence[EpisodeJob], *,
     results: list[EpisodeResult | None] = [None] * len(jobs)
     queue = deque(range(len(jobs)))
     live: dict[int, EpisodeState] = {}
+    failures: dict[int, Turn] = {}  # live episode -> the turn of its failed call
     log = JsonlAppender(log_path) if log_path is not None else None  # created on the first episode
     t0 = time.perf_counter()
     n_calls = 0
@@ -139,24 +149,33 @@ def run_episodes(pool, workflow: Workflow, jobs: Sequence[EpisodeJob], *,
                                       top_p=sampling.top_p, adapter=adapter, logprobs=record_logprobs)
                         buckets.setdefault(model, []).append((i, call.role, req))
                 for model, items in buckets.items():
+                    items = [it for it in items if it[0] not in failures]  # failed this step: no more calls
+                    if not items:
+                        continue
                     gens = pool.generate(model, [r for _, _, r in items],
                                          seed=None if seed is None else seed + n_calls)
                     n_calls += 1
                     for (i, role, _), gen in zip(items, gens, strict=True):
+                        if i in failures:  # an earlier call of this episode in the same batch failed
+                            continue
                         before = len(live[i].turns)
-                        workflow.advance(live[i], role, gen)
+                        if generation_failed(gen):
+                            failures[i] = workflow.fail(live[i], role, gen)
+                        else:
+                            workflow.advance(live[i], role, gen)
                         if not record_logprobs:
                             for turn in live[i].turns[before:]:
                                 turn.drop_rl()
                         stats.tokens_in += gen.prompt_tokens
                         stats.tokens_out += gen.completion_tokens
-                for i in [i for i, s in live.items() if workflow.done(s) or not workflow.pending(s)]:
+                for i in [i for i, s in live.items() if i in failures or workflow.done(s) or not workflow.pending(s)]:
                     state = live.pop(i)
-                    res = _result(workflow, jobs[i], state)
+                    res = _result(workflow, jobs[i], state, failures.pop(i, None))
                     results[i] = res
                     if log is not None:
                         log.write(res.to_dict())
                     stats.episodes += 1
+                    stats.failed += res.failed
                     stats.turns += len(res.turns)
                     stats.parse_failures += res.parse_failures
                     stats.cost += res.cost
@@ -171,32 +190,51 @@ def run_episodes(pool, workflow: Workflow, jobs: Sequence[EpisodeJob], *,
     return results  # type: ignore[return-value]
 
 
-def _result(workflow: Workflow, job: EpisodeJob, state: EpisodeState) -> EpisodeResult:
+def _result(workflow: Workflow, job: EpisodeJob, state: EpisodeState, failure: Turn | None = None) -> EpisodeResult:
     problem = job.problem
+    turns = state.turns
+    spent = dict(tokens_in=sum(t.tokens_in for t in turns), tokens_out=sum(t.tokens_out for t in turns),
+                 cost=sum(t.cost for t in turns))
+    if failure is not None:  # no prediction, no score: a failure is never data
+        call = {"role": failure.role, "model": job.assignment.get(failure.role, failure.model),
+                "round": failure.round, "kind": failure.kind}
+        return EpisodeResult(
+            id=str(problem.id), task=workflow.name, assignment=dict(job.assignment), turns=turns, prediction=None,
+            gold=workflow.gold(problem), score=None, em=None, failed=True, error=failure.error, failed_call=call,
+            **spent)
     pred = workflow.result(state)
     score, em = workflow.score(problem, pred)
-    turns = state.turns
     return EpisodeResult(
         id=str(problem.id), task=workflow.name, assignment=dict(job.assignment), turns=turns, prediction=pred,
-        gold=workflow.gold(problem), score=score, em=em, tokens_in=sum(t.tokens_in for t in turns),
-        tokens_out=sum(t.tokens_out for t in turns), cost=sum(t.cost for t in turns),
+        gold=workflow.gold(problem), score=score, em=em, **spent,
     )
 
 
-def summarize(results: Sequence[EpisodeResult], wall_s: float = 0.0) -> dict[str, float]:
-    """Mean score / EM, parse-failure rate (per turn), token and cost totals, rates."""
+def summarize(results: Sequence[EpisodeResult], wall_s: float = 0.0) -> dict[str, Any]:
+    """Mean score / EM over the episodes that did not fail (None when all failed), failures (how many,
+    per model of the failed call, the first error), parse-failure rate (per turn), token and cost
+    totals, rates."""
     n = len(results)
+    ok = [r for r in results if not r.failed]
+    failed = [r for r in results if r.failed]
+    by_model: dict[str, int] = {}
+    for r in failed:
+        model = (r.failed_call or {}).get("model", "?")
+        by_model[model] = by_model.get(model, 0) + 1
     turns = sum(len(r.turns) for r in results)
     fails = sum(r.parse_failures for r in results)
     tok_in = sum(r.tokens_in for r in results)
     tok_out = sum(r.tokens_out for r in results)
     return {
         "episodes": n,
-        "score": sum(r.score for r in results) / n if n else 0.0,
-        "em": sum(r.em for r in results) / n if n else 0.0,
+        "score": sum(r.score for r in ok) / len(ok) if ok else (None if failed else 0.0),
+        "em": sum(r.em for r in ok) / len(ok) if ok else (None if failed else 0.0),
+        "failed": len(failed),
+        "failed_by_model": by_model,
+        "first_error": failed[0].error if failed else None,
         "turns": turns,
         "parse_failure_rate": fails / turns if turns else 0.0,
-        "null_predictions": sum(1 for r in results if not r.prediction),
+        "null_predictions": sum(1 for r in ok if not r.prediction),
         "tokens_in": tok_in,
         "tokens_out": tok_out,
         "cost": sum(r.cost for r in results),
