@@ -42,21 +42,24 @@ def _tiny_local(model, tokenizer, name: str):
     return LocalModel(spec, model, tokenizer, max_batch_size=64)
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(smol_tokenizer):
-    """Random 4-layer Llama (d=64, GQA 4/2 heads) with SmolLM2's tokenizer, as a LocalModel."""
+def build_tiny_llama(tokenizer):
+    """Random 4-layer Llama (d=64, GQA 4/2 heads) with SmolLM2's tokenizer, as a LocalModel (seeded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, eos_token_id=smol_tokenizer.eos_token_id,
-                      pad_token_id=smol_tokenizer.pad_token_id)
-    return _tiny_local(LlamaForCausalLM(cfg), smol_tokenizer, "tiny-llama")
+                      tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    return _tiny_local(LlamaForCausalLM(cfg), tokenizer, "tiny-llama")
 
 
 @pytest.fixture(scope="session")
-def tiny_gemma3(smol_tokenizer):
+def tiny_llama(smol_tokenizer):
+    return build_tiny_llama(smol_tokenizer)
+
+
+def build_tiny_gemma3(smol_tokenizer):
     """Random 3-layer Gemma3 text model with a rectangular o_proj (4 heads x 32 = 128 -> 80), sliding-window
     (16) and full attention layers mixed as in the real model (whose pattern is 5 sliding : 1 full)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
@@ -68,6 +71,11 @@ def tiny_gemma3(smol_tokenizer):
                            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                            eos_token_id=smol_tokenizer.eos_token_id, pad_token_id=smol_tokenizer.pad_token_id)
     return _tiny_local(Gemma3ForCausalLM(cfg), smol_tokenizer, "tiny-gemma3")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(smol_tokenizer):
+    return build_tiny_gemma3(smol_tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,8 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (write JSON, prin
 app.add_typer(bench_app, name="bench")
 
 #: the command modules; importing one registers its commands on `app` / `bench_app`
-COMMANDS = ("models", "run", "collect", "warmup", "sft", "eval_lookup", "eval", "report", "route", "serve", "demo",
-            "bench_lora", "bench_episodes")
+COMMANDS = ("models", "run", "collect", "warmup", "sft", "eval_lookup", "eval", "report", "route", "rl", "infer",
+            "export_adapter", "serve", "demo", "bench_lora", "bench_episodes")
 
 USER_ERROR = 2  # exit status of every user error (as for bad options)
 

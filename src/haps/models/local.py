@@ -294,7 +294,7 @@ class LocalModel:
         return Generation(text=text, model=self.spec.name, token_ids=row.out_ids,
                           logprobs=row.out_lp if req.logprobs else [], prompt_tokens=n_in, completion_tokens=n_out,
                           finish_reason=row.finish or "length", cost=self.spec.cost(n_in, n_out),
-                          prompt_text=row.prompt_text)
+                          prompt_text=row.prompt_text, prompt_ids=row.prompt_ids)
 
     def _record_stats(self, stats: dict) -> None:
         """This batch's timings for benchmarks (prefill includes the first token), and the running totals."""

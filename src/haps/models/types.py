@@ -28,6 +28,15 @@ class RowAdapter:
 
             raise ShapeError(f"RowAdapter needs as many A as B matrices, got {len(self.A)} A and {len(self.B)} B.")
 
+    def update_norm(self, alpha: float) -> float:
+        """Frobenius norm of the whole weight update, sqrt(sum_l ||alpha A_l B_l||_F^2), via the r x r products
+        ||A B||_F^2 = sum((A^T A) * (B B^T)) (no (d_out, d_in) matrix is formed)."""
+        import torch
+
+        with torch.no_grad():
+            sq = sum(float(((A.T @ A) * (B @ B.T)).sum()) for A, B in zip(self.A, self.B, strict=True))
+        return abs(alpha) * max(sq, 0.0) ** 0.5
+
 
 @dataclass
 class GenRequest:
@@ -77,3 +86,4 @@ class Generation:
     cost: float = 0.0
     error: str | None = None
     prompt_text: str = ""  # exactly what the model saw (after templating); used to re-score for RL
+    prompt_ids: list[int] = field(default_factory=list)  # the prompt's token ids as fed (local models; for RL)

@@ -36,6 +36,7 @@ from torch import nn
 
 from haps.errors import ConfigError, ModelLoadError
 from haps.files import atomic_dir
+from haps.models.hf_decode import with_cache
 from haps.models.padding import left_pad
 from haps.routing.base import Decision, Router, register_router
 from haps.routing.prompt import RoutingPrompt, parse_assignment_json
@@ -75,7 +76,8 @@ class HighLevelRouterConfig(BaseModel):
 
 # ---------------------------------------------------------------------------------------------- scoring
 def candidate_scores(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
-                     candidates: Sequence[Sequence[Sequence[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     candidates: Sequence[Sequence[Sequence[int]]], pad_id: int,
+                     prompt_states: bool = False) -> tuple[torch.Tensor, ...]:
     """Summed log-probs of each prompt's candidate completions, sharing one prompt pass.
 
     prompt_ids: B token lists; candidates: B lists of A token lists each (same A for every row, each
@@ -84,6 +86,10 @@ def candidate_scores(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
     The tokens every candidate starts with (e.g. ``{"teacher": ``) are appended to the prompts, so the
     B*A candidate rows only carry the tokens where candidates differ; the head runs on the last
     ``len(common) + 1`` prompt positions and on the candidate rows, never on the prompt body.
+
+    With ``prompt_states`` it also returns the prompt pass's last hidden states after the final norm
+    (B, L, d) and a mask (B, L) of the prompt's own tokens (no padding, no appended common tokens): what the
+    low-level router pools, from the same pass.
     """
     from transformers import DynamicCache
 
@@ -102,10 +108,10 @@ def candidate_scores(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
     ids, mask = left_pad([list(p) + common for p in prompt_ids], pad_id, device)  # (B, Lp + c)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, Lp + c)
     cache = DynamicCache(config=getattr(model, "config", None))
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                logits_to_keep=c + 1)
-    head_lp = torch.log_softmax(out.logits.float(), dim=-1)  # (B, c + 1, V): predicts common, then token c
-    cache = out.past_key_values
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                     **with_cache(decoder, cache)).last_hidden_state  # (B, Lp + c, d), after the final norm
+    head_lp = torch.log_softmax(_logits(model, hidden[:, -(c + 1):]), dim=-1)  # (B, c + 1, V): common, then c
     prefix = torch.zeros(B, device=device)
     if c:
         tgt = torch.tensor(common, device=device)[None, :, None].expand(B, c, 1)
@@ -124,13 +130,25 @@ def candidate_scores(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
         cache.batch_repeat_interleave(A)
         full_mask = torch.cat([mask[row], amask[:, :-1]], dim=1)  # (B*A, Lp + c + La - 1)
         apos = pos[row, -1:] + 1 + torch.arange(La - 1, device=device)[None, :]  # (B*A, La - 1)
-        logits = model(input_ids=ans[:, :-1], attention_mask=full_mask, position_ids=apos, past_key_values=cache,
-                       use_cache=True).logits  # (B*A, La - 1, V)
+        logits = model(input_ids=ans[:, :-1], attention_mask=full_mask, position_ids=apos, use_cache=True,
+                       **with_cache(model, cache)).logits  # (B*A, La - 1, V)
         more = torch.log_softmax(logits.float(), dim=-1).gather(2, ans[:, 1:, None]).squeeze(2)  # (B*A, La - 1)
         tok_lp = torch.cat([tok_lp, more], dim=1)  # (B*A, La)
     tok_lp = tok_lp * amask
     scores = tok_lp.sum(1).view(B, A) + prefix[:, None]
-    return scores, (amask.sum(1) + c).view(B, A)
+    if not prompt_states:
+        return scores, (amask.sum(1) + c).view(B, A)
+    own = mask.clone()
+    if c:
+        own[:, -c:] = 0  # the appended common answer tokens are not the prompt's
+    return scores, (amask.sum(1) + c).view(B, A), hidden, own
+
+
+def _logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The causal LM's logits (fp32) of final-normed hidden states, with its final soft-capping if any."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def reference_scores(model: nn.Module, prompt_ids: Sequence[Sequence[int]],

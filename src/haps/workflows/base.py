@@ -64,8 +64,10 @@ class Turn:
     token_ids: list[int] = field(default_factory=list, repr=False)
     logprobs: list[float] = field(default_factory=list, repr=False)
     prompt_text: str = field(default="", repr=False)  # exactly what the model saw (templated)
+    prompt_ids: list[int] = field(default_factory=list, repr=False)  # its token ids as fed (local models)
+    adapter_norm: float | None = None  # ||alpha A B||_F of the generated adapter this call ran with (None: none)
 
-    RL_FIELDS: ClassVar[tuple[str, ...]] = ("token_ids", "logprobs", "prompt_text")
+    RL_FIELDS: ClassVar[tuple[str, ...]] = ("token_ids", "logprobs", "prompt_text", "prompt_ids")
 
     def to_dict(self, include_rl: bool = False) -> dict[str, Any]:
         d = asdict(self)
@@ -75,7 +77,7 @@ class Turn:
         return d
 
     def drop_rl(self) -> None:
-        self.token_ids, self.logprobs, self.prompt_text = [], [], ""
+        self.token_ids, self.logprobs, self.prompt_text, self.prompt_ids = [], [], "", []
 
 
 @dataclass
@@ -274,7 +276,7 @@ class Workflow(ABC):
             output=output, action=action, retrieved=retrieved, tokens_in=gen.prompt_tokens,
             tokens_out=gen.completion_tokens, cost=gen.cost, parse_error=parse_error,
             finish_reason=gen.finish_reason, token_ids=list(gen.token_ids), logprobs=list(gen.logprobs),
-            prompt_text=gen.prompt_text,
+            prompt_text=gen.prompt_text, prompt_ids=list(gen.prompt_ids),
         )
         state.turns.append(turn)
         return turn

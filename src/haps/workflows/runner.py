@@ -155,7 +155,7 @@ def run_episodes(pool, workflow: Workflow, jobs: Sequence[EpisodeJob], *,
                     gens = pool.generate(model, [r for _, _, r in items],
                                          seed=None if seed is None else seed + n_calls)
                     n_calls += 1
-                    for (i, role, _), gen in zip(items, gens, strict=True):
+                    for (i, role, req), gen in zip(items, gens, strict=True):
                         if i in failures:  # an earlier call of this episode in the same batch failed
                             continue
                         before = len(live[i].turns)
@@ -163,8 +163,10 @@ def run_episodes(pool, workflow: Workflow, jobs: Sequence[EpisodeJob], *,
                             failures[i] = workflow.fail(live[i], role, gen)
                         else:
                             workflow.advance(live[i], role, gen)
-                        if not record_logprobs:
-                            for turn in live[i].turns[before:]:
+                        norm = None if req.adapter is None else _norm(req.adapter, pool)
+                        for turn in live[i].turns[before:]:
+                            turn.adapter_norm = norm
+                            if not record_logprobs:
                                 turn.drop_rl()
                         stats.tokens_in += gen.prompt_tokens
                         stats.tokens_out += gen.completion_tokens
@@ -188,6 +190,11 @@ def run_episodes(pool, workflow: Workflow, jobs: Sequence[EpisodeJob], *,
         stats.wall_s = time.perf_counter() - t0
         stats.calls = n_calls
     return results  # type: ignore[return-value]
+
+
+def _norm(adapter: RowAdapter, pool) -> float:
+    """||alpha A B||_F of an adapter under the pool's LoRA target (its scale alpha)."""
+    return adapter.update_norm(pool.config.lora.alpha)
 
 
 def _result(workflow: Workflow, job: EpisodeJob, state: EpisodeState, failure: Turn | None = None) -> EpisodeResult:
