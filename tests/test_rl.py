@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from rl_toy import GOOD_TEACHER, toy_pool, toy_problems, toy_router, toy_workflow
 
 from haps.errors import ConfigError
 from haps.metrics import RewardConfig
 from haps.routing.low_level import LowLevelConfig
 from haps.train.rl import RLConfig, RLRecipe
 from haps.train.rl_loss import advantages, baselines, policy_loss, token_weights
+from rl_toy import GOOD_TEACHER, toy_pool, toy_problems, toy_router, toy_workflow
 
 TESTS = Path(__file__).resolve().parent
 
