@@ -21,6 +21,7 @@ from haps.cli.common import (
     check_out,
     config_opt,
     data_path,
+    field_help,
     options_opt,
     parse_options,
     report_failures,
@@ -69,15 +70,14 @@ class EpisodesBenchConfig(BaseModel):
 @bench_app.command("episodes")
 def bench_episodes(
     task: str = workflow_opt(),
-    n: int = typer.Option(None, min=1, help="Episodes (default 32)."),
-    assign: str = typer.Option(None, help="ROLE=MODEL pairs (default: teacher on the pool's first model, student "
-                               "on its last)."),
-    data: Path = typer.Option(None, help="Problems JSONL (default: the embedded demo set, cycled to N)."),
-    max_new_tokens: int = typer.Option(None, min=1, help="Tokens per call (default 64)."),
+    n: int = typer.Option(None, min=1, help=field_help(EpisodesBenchConfig, "n")),
+    assign: str = typer.Option(None, help=field_help(EpisodesBenchConfig, "assign")),
+    data: Path = typer.Option(None, help=field_help(EpisodesBenchConfig, "data")),
+    max_new_tokens: int = typer.Option(None, min=1, help=field_help(EpisodesBenchConfig, "max_new_tokens")),
     option: list[str] = options_opt(),
-    pool: str = typer.Option(None, help="Built-in pool name or pool YAML file."),
-    threads: int = typer.Option(None, min=1, help="torch threads (default: torch's)."),
-    out: Path = typer.Option(None, help="JSON result (default benchmarks/results/episodes.json)."),
+    pool: str = typer.Option(None, help=field_help(EpisodesBenchConfig, "pool")),
+    threads: int = typer.Option(None, min=1, help=field_help(EpisodesBenchConfig, "threads")),
+    out: Path = typer.Option(None, help=field_help(EpisodesBenchConfig, "out")),
     config: Path = config_opt(),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bars."),
 ) -> None:

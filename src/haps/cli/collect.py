@@ -8,10 +8,12 @@ import typer
 
 from haps.cli import app
 from haps.cli.common import (
+    WORKFLOW_HELP,
     build_config,
     check_out,
     config_opt,
     data_path,
+    field_help,
     load_config_file,
     options_opt,
     parse_options,
@@ -19,6 +21,7 @@ from haps.cli.common import (
     report_failures,
     workflow_opt,
 )
+from haps.train.collect import CollectConfig
 
 #: config values a YAML file may key by task (see src/haps/configs/collect_tiny.yaml)
 PER_TASK = ("data", "limit", "max_new_tokens", "chunk_size", "workflow_options")
@@ -26,20 +29,22 @@ PER_TASK = ("data", "limit", "max_new_tokens", "chunk_size", "workflow_options")
 
 @app.command("collect")
 def collect_cmd(
-    task: str = workflow_opt(),
+    task: str = workflow_opt(WORKFLOW_HELP + " Required here (or task in --config)."),
     out: Path = typer.Option(..., help="Output folder (actions.jsonl, manifest.json, episodes/)."),
     data: str = typer.Option(None, help="Problems JSONL file or folder, as given or relative to $HAPS_DATA "
                              "(default: the embedded demo set)."),
-    limit: int = typer.Option(None, min=1, help="First N problems of the file."),
-    pool: str = typer.Option(None, help="Built-in pool name or pool YAML."),
+    limit: int = typer.Option(None, min=1, help=field_help(CollectConfig, "limit")),
+    pool: str = typer.Option(None, help=field_help(CollectConfig, "pool")),
     config: Path = config_opt(),
-    max_new_tokens: int = typer.Option(None, min=1, help="Cap on tokens per model call."),
-    sample: int = typer.Option(None, min=1, help="L assignments sampled per problem when K^N > --max-enumerate."),
-    max_enumerate: int = typer.Option(None, min=1, help="Enumerate all assignments up to this many."),
-    seed: int = typer.Option(None, help="Seed (assignment sampling, agent sampling)."),
-    chunk_size: int = typer.Option(None, min=1, help="Problems per lockstep runner call (may change on resume)."),
-    max_attempts: int = typer.Option(None, min=1, help="Runs that may try a (problem, assignment) whose episode "
-                                     "fails (default 3; may change on resume: raise it to retry ones out of attempts)."),
+    max_new_tokens: int = typer.Option(None, min=1, help=field_help(CollectConfig, "max_new_tokens")),
+    sample: int = typer.Option(None, min=1, help=field_help(CollectConfig, "sample")),
+    max_enumerate: int = typer.Option(None, min=1, help=field_help(CollectConfig, "max_enumerate")),
+    seed: int = typer.Option(None, help=field_help(CollectConfig, "seed")),
+    chunk_size: int = typer.Option(None, min=1, help=field_help(CollectConfig, "chunk_size", "Problems per lockstep "
+                                   "runner call (may change on resume).")),
+    max_attempts: int = typer.Option(None, min=1, help=field_help(CollectConfig, "max_attempts", "Runs that may try "
+                                     "a (problem, assignment) whose episode fails (may change on resume: raise it to "
+                                     "retry ones out of attempts).")),
     option: list[str] = options_opt(),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
@@ -50,7 +55,7 @@ def collect_cmd(
     from rich.console import Console
 
     from haps.errors import ConfigError
-    from haps.train.collect import CollectConfig, collect
+    from haps.train.collect import collect
 
     base = load_config_file(config)
     base.pop("notes", None)

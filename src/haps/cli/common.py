@@ -30,9 +30,21 @@ CONFIG_HELP = "YAML file of the command's config fields; options given on the co
 EPISODES_FAILED = 1
 
 
-def workflow_opt(default: Any = None) -> Any:
+def field_help(model: type, name: str, text: str | None = None) -> str:
+    """Help text of an option that sets ``model``'s field ``name``: the field's description (or ``text``)
+    and the default it keeps when the option is left out, read from the model (stated once, there)."""
+    f = model.model_fields[name]
+    desc = text or f.description or ""
+    default = f.get_default(call_default_factory=True)
+    if default is None and ("None" in desc or "default" in desc):  # the description says what unset means
+        return desc
+    shown = "none" if default is None else ",".join(map(str, default)) if isinstance(default, list | tuple) else default
+    return f"{desc} (default: {shown})".strip()
+
+
+def workflow_opt(help: str = WORKFLOW_HELP) -> Any:
     """The ``--task/--workflow/-t`` option (same meaning under both names)."""
-    return typer.Option(default, "--task", "--workflow", "-t", help=WORKFLOW_HELP)
+    return typer.Option(None, "--task", "--workflow", "-t", help=help)
 
 
 def options_opt() -> Any:

@@ -16,7 +16,7 @@ import typer
 from pydantic import BaseModel, ConfigDict, Field
 
 from haps.cli import app
-from haps.cli.common import build_config, check_out, config_opt, report_failures
+from haps.cli.common import build_config, check_out, config_opt, field_help, report_failures
 
 
 class DemoConfig(BaseModel):
@@ -38,15 +38,14 @@ class DemoConfig(BaseModel):
 
 @app.command("demo")
 def demo(
-    out: Path = typer.Option(None, help="Output folder (one sub-folder per task; default runs/demo)."),
-    tasks: str = typer.Option(None, help="Comma-separated workflows (default mmlu,hotpotqa)."),
-    pool: str = typer.Option(None, help="Built-in pool name or pool YAML."),
-    data: str = typer.Option(None, help="JSONL file/folder instead of the embedded demo set (one task then)."),
-    limit: int = typer.Option(None, min=1, help="Use the first N problems per task (default 8; the demo sets "
-                              "hold 20)."),
-    max_new_tokens: int = typer.Option(None, min=1, help="Cap on tokens per model call (default 32)."),
-    epochs: int = typer.Option(None, min=1, help="SFT epochs of the high-level router (default 4)."),
-    seed: int = typer.Option(None, help="Seed of collection and SFT."),
+    out: Path = typer.Option(None, help=field_help(DemoConfig, "out")),
+    tasks: str = typer.Option(None, help=field_help(DemoConfig, "tasks")),
+    pool: str = typer.Option(None, help=field_help(DemoConfig, "pool")),
+    data: str = typer.Option(None, help=field_help(DemoConfig, "data")),
+    limit: int = typer.Option(None, min=1, help=field_help(DemoConfig, "limit")),
+    max_new_tokens: int = typer.Option(None, min=1, help=field_help(DemoConfig, "max_new_tokens")),
+    epochs: int = typer.Option(None, min=1, help=field_help(DemoConfig, "epochs")),
+    seed: int = typer.Option(None, help=field_help(DemoConfig, "seed")),
     config: Path = config_opt(),
 ) -> None:
     """Collect -> warm-up -> SFT the high-level router -> evaluate by lookup, on the demo set."""

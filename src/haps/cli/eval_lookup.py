@@ -10,7 +10,7 @@ import typer
 from pydantic import BaseModel, ConfigDict, Field
 
 from haps.cli import app
-from haps.cli.common import build_config, check_out, config_opt
+from haps.cli.common import build_config, check_out, config_opt, field_help
 
 Split = Literal["train", "valid", "test", "all"]
 RewardKind = Literal["score", "shaped", "tradeoff"]
@@ -32,12 +32,11 @@ class EvalConfig(BaseModel):
 @app.command("eval-lookup")
 def eval_lookup_cmd(
     actions: Path = typer.Option(..., help="Action-level data folder."),
-    router: list[str] = typer.Option(None, help="CKPT | fixed:<role>=<model>,... | random | oracle | all "
-                                     "(repeatable; default all = oracle, random and every fixed assignment)."),
-    split: Split = typer.Option(None, help="Split to evaluate on (default test)."),
-    reward_kind: RewardKind = typer.Option(None, help="Recompute rewards (default: as recorded)."),
-    alpha: float = typer.Option(None, help="tradeoff: weight of the performance term."),
-    beta: float = typer.Option(None, min=0.0, help="tradeoff: weight of the normalised cost term."),
+    router: list[str] = typer.Option(None, help=field_help(EvalConfig, "routers")),
+    split: Split = typer.Option(None, help=field_help(EvalConfig, "split")),
+    reward_kind: RewardKind = typer.Option(None, help=field_help(EvalConfig, "reward_kind")),
+    alpha: float = typer.Option(None, help=field_help(EvalConfig, "alpha")),
+    beta: float = typer.Option(None, min=0.0, help=field_help(EvalConfig, "beta")),
     workflow: str = typer.Option(None, "--workflow", help="Workflow spec overriding the collection's recorded "
                                  "one (a name or path/to/file.py:ClassName)."),
     config: Path = config_opt(),

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from haps.cli import app
-from haps.cli.common import build_config, config_opt
+from haps.cli.common import build_config, config_opt, field_help
 
 
 class ModelsConfig(BaseModel):
@@ -23,9 +23,8 @@ class ModelsConfig(BaseModel):
 
 @app.command("models")
 def models(
-    pool: str = typer.Option(None, help="Built-in pool name or pool YAML file (default tiny)."),
-    load: bool = typer.Option(None, "--load/--no-load", help="Load local models to report layers, hidden size "
-                              "and o_proj shape."),
+    pool: str = typer.Option(None, help=field_help(ModelsConfig, "pool")),
+    load: bool = typer.Option(None, "--load/--no-load", help=field_help(ModelsConfig, "load")),
     config: Path = config_opt(),
 ) -> None:
     """List the pool: name, backend, open/closed, layers, hidden size, o_proj shape, prices."""

@@ -9,7 +9,15 @@ import typer
 from pydantic import BaseModel, ConfigDict, Field
 
 from haps.cli import app
-from haps.cli.common import build_config, config_opt, data_path, options_opt, parse_options, workflow_opt
+from haps.cli.common import (
+    build_config,
+    config_opt,
+    data_path,
+    field_help,
+    options_opt,
+    parse_options,
+    workflow_opt,
+)
 
 
 class RouteConfig(BaseModel):
@@ -28,11 +36,11 @@ class RouteConfig(BaseModel):
 @app.command("route")
 def route_cmd(
     task: str = workflow_opt(),
-    problem_id: str = typer.Option(None, help="Problem id."),
-    index: int = typer.Option(None, min=0, help="Problem index in the file."),
-    data: str = typer.Option(None, help="Problems file (default: embedded demo set)."),
-    router: str = typer.Option(None, help="CKPT | fixed:... | random (default random)."),
-    pool: str = typer.Option(None, help="Pool (its names and descriptions make the candidate list)."),
+    problem_id: str = typer.Option(None, help=field_help(RouteConfig, "problem_id")),
+    index: int = typer.Option(None, min=0, help=field_help(RouteConfig, "index")),
+    data: str = typer.Option(None, help=field_help(RouteConfig, "data")),
+    router: str = typer.Option(None, help=field_help(RouteConfig, "router")),
+    pool: str = typer.Option(None, help=field_help(RouteConfig, "pool")),
     option: list[str] = options_opt(),
     config: Path = config_opt(),
 ) -> None:

@@ -11,10 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from haps.cli import app
 from haps.cli.common import (
+    WORKFLOW_HELP,
     build_config,
     check_out,
     config_opt,
     data_path,
+    field_help,
     options_opt,
     parse_options,
     report_failures,
@@ -54,17 +56,17 @@ def resolve_assignment(assign: str | dict[str, str] | None, roles, names: list[s
 
 @app.command("run")
 def run(
-    task: str = workflow_opt(),
+    task: str = workflow_opt(field_help(RunConfig, "task", WORKFLOW_HELP)),
     assign: str = typer.Option(None, help="ROLE=MODEL pairs for every role, e.g. teacher=smollm2-135m,"
                                "student=gemma3-270m (none: the pool's first model for every role)."),
     data: Path = typer.Option(None, help="JSONL file or folder of problems (default: the embedded demo set)."),
-    limit: int = typer.Option(None, min=1, help="Use the first N problems."),
-    max_new_tokens: int = typer.Option(None, min=1, help="Tokens per model call."),
-    temperature: float = typer.Option(None, min=0.0, help="0 = greedy."),
-    top_p: float = typer.Option(None, min=0.0, max=1.0, help="Nucleus sampling mass (0 < p <= 1)."),
+    limit: int = typer.Option(None, min=1, help=field_help(RunConfig, "limit")),
+    max_new_tokens: int = typer.Option(None, min=1, help=field_help(RunConfig, "max_new_tokens")),
+    temperature: float = typer.Option(None, min=0.0, help=field_help(RunConfig, "temperature")),
+    top_p: float = typer.Option(None, min=0.0, max=1.0, help=field_help(RunConfig, "top_p")),
     out: Path = typer.Option(None, help="Episode log (JSONL, one line per episode, appended)."),
-    pool: str = typer.Option(None, help="Built-in pool name or pool YAML file."),
-    seed: int = typer.Option(None, help="Seed for sampled decoding."),
+    pool: str = typer.Option(None, help=field_help(RunConfig, "pool")),
+    seed: int = typer.Option(None, help=field_help(RunConfig, "seed")),
     option: list[str] = options_opt(),
     config: Path = config_opt(),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Show a progress bar."),

@@ -9,7 +9,7 @@ import typer
 from pydantic import BaseModel, ConfigDict, Field
 
 from haps.cli import app
-from haps.cli.common import build_config, config_opt
+from haps.cli.common import build_config, config_opt, field_help
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 
@@ -19,7 +19,7 @@ class ServeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     pool: str = Field(default="tiny", description="Built-in pool name or pool YAML file; its local models are served.")
-    host: str = Field(default="127.0.0.1", description="Interface to bind (default: loopback only).")
+    host: str = Field(default="127.0.0.1", description="Interface to bind (127.0.0.1: loopback only).")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on.")
     max_batch_size: int | None = Field(default=None, ge=1, description="Most requests per generate call.")
     batch_window_ms: float | None = Field(default=None, ge=0, description="How long a batch's first request "
@@ -32,16 +32,15 @@ class ServeConfig(BaseModel):
 
 @app.command("serve")
 def serve(
-    pool: str = typer.Option(None, help="Built-in pool name or pool YAML file; its local models are served."),
-    host: str = typer.Option(None, help="Interface to bind (default: loopback only)."),
-    port: int = typer.Option(None, min=0, max=65535, help="TCP port to listen on (default 8000)."),
-    max_batch_size: int = typer.Option(None, min=1, help="Most requests batched into one generate call per model."),
-    batch_window_ms: float = typer.Option(None, min=0.0, help="How long a batch's first request waits for companions."),
-    default_max_tokens: int = typer.Option(None, min=1, help="max_tokens of requests that give none."),
-    max_tokens_limit: int = typer.Option(None, min=1, help="The most tokens a request may ask for."),
-    preload: bool = typer.Option(None, "--preload/--no-preload", help="Load every local model before listening "
-                                 "(else on first request)."),
-    log_level: LogLevel = typer.Option(None, help="uvicorn log level."),
+    pool: str = typer.Option(None, help=field_help(ServeConfig, "pool")),
+    host: str = typer.Option(None, help=field_help(ServeConfig, "host")),
+    port: int = typer.Option(None, min=0, max=65535, help=field_help(ServeConfig, "port")),
+    max_batch_size: int = typer.Option(None, min=1, help="Most requests batched into one generate call per model (default: haps.serve.create_app's)."),
+    batch_window_ms: float = typer.Option(None, min=0.0, help="How long a batch's first request waits for companions, ms (default: haps.serve.create_app's)."),
+    default_max_tokens: int = typer.Option(None, min=1, help="max_tokens of requests that give none (default: haps.serve.create_app's)."),
+    max_tokens_limit: int = typer.Option(None, min=1, help="The most tokens a request may ask for (default: haps.serve.create_app's)."),
+    preload: bool = typer.Option(None, "--preload/--no-preload", help=field_help(ServeConfig, "preload")),
+    log_level: LogLevel = typer.Option(None, help=field_help(ServeConfig, "log_level")),
     config: Path = config_opt(),
 ) -> None:
     """Serve POST /v1/chat/completions and GET /v1/models (OpenAI-compatible, batched per model).

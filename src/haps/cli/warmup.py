@@ -9,7 +9,7 @@ import typer
 from pydantic import BaseModel, ConfigDict, Field
 
 from haps.cli import app
-from haps.cli.common import build_config, check_out, config_opt
+from haps.cli.common import build_config, check_out, config_opt, field_help
 from haps.train.warmup import Balance, TiePolicy
 
 Split = Literal["train", "valid", "test", "all"]
@@ -29,12 +29,12 @@ class WarmupConfig(BaseModel):
 @app.command("warmup")
 def warmup_cmd(
     actions: Path = typer.Option(..., help="Action-level data folder (from `haps collect`)."),
-    split: Split = typer.Option(None, help="Split the examples come from."),
-    tie: TiePolicy = typer.Option(None, help="Tie policy."),
+    split: Split = typer.Option(None, help=field_help(WarmupConfig, "split")),
+    tie: TiePolicy = typer.Option(None, help=field_help(WarmupConfig, "tie")),
     drop_all_zero: bool = typer.Option(None, "--drop-all-zero/--keep-all-zero",
-                                       help="Drop problems no assignment solved."),
-    balance: Balance = typer.Option(None, help="Label balance."),
-    seed: int = typer.Option(None, help="Seed of the tie and balance choices."),
+                                       help=field_help(WarmupConfig, "drop_all_zero")),
+    balance: Balance = typer.Option(None, help=field_help(WarmupConfig, "balance")),
+    seed: int = typer.Option(None, help=field_help(WarmupConfig, "seed")),
     config: Path = config_opt(),
     json_out: Path = typer.Option(None, "--json", help="Write the statistics here (JSON)."),
 ) -> None:
