@@ -319,3 +319,28 @@ def test_sft_router_is_scored_by_lookup_with_a_cost_sweep(tmp_path, monkeypatch)
     assert m["selection"] == {K_BB: 1.0} and m["score"]["mean"] == 0.75 and m["sources"] == {"lookup": 4}
     assert m["sweep"] == "penalty" and m["aiq"] is not None
     assert m["curve"][-1]["share"] == 0.0  # the largest cost penalty routes everything to the cheapest
+
+
+def test_curve_points_equal_evaluating_each_decision_as_a_policy():
+    """The vectorised curve scoring and `Outcomes.evaluate` (its slow twin) agree, failed cells included."""
+    from haps.evaluation.curves import curve
+    from haps.evaluation.outcomes import LOOKUP, Outcomes, Rewarder
+    from haps.metrics import CostNormalizer, RewardConfig
+
+    g = torch.Generator().manual_seed(0)
+    o = Outcomes.empty(SPACE, [f"p{i}" for i in range(30)])
+    rw = Rewarder(RewardConfig(kind="tradeoff", alpha=0.8, beta=0.2), CostNormalizer(0.0, 1.0))
+    for i in range(30):
+        for j in range(4):
+            o.set(i, j, score=float(torch.rand(1, generator=g)), cost=float(torch.rand(1, generator=g)),
+                  failed=bool(torch.rand(1, generator=g) < 0.1), source=LOOKUP, rewarder=rw)
+    dec = torch.randint(0, 4, (5, 30), generator=g)
+    pts = curve(o, dec, list(range(5)), weak=0)
+    assert len(pts) == 5
+    for p, d in zip(pts, dec, strict=True):
+        rows = o.evaluate("x", o.one_hot(d))
+        ok = rows.ok
+        assert p.scored == int(ok.sum())
+        assert p.share == pytest.approx(float((d != 0).double().mean()))
+        for k in ("cost", "score", "reward"):
+            assert getattr(p, k) == pytest.approx(float(getattr(rows, k)[ok].mean()))

@@ -80,14 +80,17 @@ def penalty_decisions(utility: torch.Tensor, cost: torch.Tensor, points: int) ->
 
 
 def curve(outcomes, decisions: torch.Tensor, params: Sequence[float], weak: int) -> list[CurvePoint]:
-    """Score each decision row (S, P) on ``outcomes``; points with no scored problem are dropped."""
+    """Score each decision row (S, P) on ``outcomes`` (as `Outcomes.evaluate` scores a one-hot policy:
+    means over the problems whose picked cell is scored); points with no scored problem are dropped."""
+    from haps.evaluation.outcomes import OK
+
+    rows = torch.arange(decisions.shape[1])
     pts = []
     for lam, d in zip(params, decisions, strict=True):
-        rows = outcomes.evaluate("curve", outcomes.one_hot(d))
-        ok = rows.ok
+        ok = outcomes.status[rows, d] == OK  # (P,)
         if not ok.any():
             continue
         share = float((d != weak).double().mean())
-        pts.append(CurvePoint(float(lam), share, float(rows.cost[ok].mean()), float(rows.score[ok].mean()),
-                              float(rows.reward[ok].mean()), int(ok.sum())))
+        mean = {k: float(getattr(outcomes, k)[rows, d][ok].mean()) for k in ("cost", "score", "reward")}
+        pts.append(CurvePoint(float(lam), share, mean["cost"], mean["score"], mean["reward"], int(ok.sum())))
     return pts
