@@ -46,8 +46,11 @@ def problem(pid: str, i: int) -> dict:
 
 
 def write_collection(out: Path, splits: dict[str, list[str]], cells: Callable[[str, str, int], tuple | None], *,
-                     closed_big: bool = False, pool_name: str = "toy", extra_problems: list[str] = ()) -> Path:
-    """A collection folder ``out`` with the problems of ``splits`` ({split: [ids]}) and their cells."""
+                     closed_big: bool = False, pool_name: str = "toy", extra_problems: list[str] = (),
+                     failures_file: bool = False) -> Path:
+    """A collection folder ``out`` with the problems of ``splits`` ({split: [ids]}) and their cells; a failed
+    cell is a record with ``failed: true``, or (``failures_file``) only a ``failures.jsonl`` line, as
+    `haps collect` writes it."""
     out.mkdir(parents=True, exist_ok=True)
     ids = [pid for s in ("train", "valid", "test") for pid in splits.get(s, [])] + list(extra_problems)
     data = out / "problems.jsonl"
@@ -57,13 +60,16 @@ def write_collection(out: Path, splits: dict[str, list[str]], cells: Callable[[s
     manifest = {"format": "haps-actions/1", "config": cfg.model_dump(mode="json"), "pool": pool.model_dump(mode="json"),
                 "roles": list(ROLES), "models": list(MODELS), "n_problems": len(ids), "runs": []}
     (out / "manifest.json").write_text(json.dumps(manifest))
-    lines = []
+    lines, failed = [], []
     for split, pids in splits.items():
         for pid in pids:
             for j, z in enumerate(SPACE.assignments()):
                 cell = cells(pid, split, j)
                 rec = {"problem_id": pid, "split": split, "key": SPACE.key(z), "assignment": SPACE.to_names(z),
                        "assignment_ids": list(z), "tokens_in": 100, "tokens_out": 10}
+                if cell is None and failures_file:
+                    failed.append(json.dumps(dict(rec, attempt=3, error="HTTP 500", call=None, cost=0.0)))
+                    continue
                 if cell is None:
                     rec.update(failed=True, reward=None, score=None, cost=None)
                 else:
@@ -71,6 +77,8 @@ def write_collection(out: Path, splits: dict[str, list[str]], cells: Callable[[s
                     rec.update(reward=score, score=score, em=score, cost=cost)
                 lines.append(json.dumps(rec))
     (out / "actions.jsonl").write_text("\n".join(lines) + "\n")
+    if failed:
+        (out / "failures.jsonl").write_text("\n".join(failed) + "\n")
     return out
 
 

@@ -37,9 +37,9 @@ def hand_cells(pid, split, j):
     return float((int(pid[1:]) + j) % 2), COST[j]  # train: z0/z2 on even ids, z1/z3 on odd ones
 
 
-def hand_collection(tmp_path):
+def hand_collection(tmp_path, failures_file: bool = False):
     splits = {"train": [f"r{i}" for i in range(6)], "valid": ["v0", "v1"], "test": list(TEST_SCORES)}
-    return write_collection(tmp_path / "actions", splits, hand_cells)
+    return write_collection(tmp_path / "actions", splits, hand_cells, failures_file=failures_file)
 
 
 def config(tmp_path, **kw):
@@ -74,9 +74,12 @@ def test_method_specs():
         EvalConfig(task="mmlu", actions="a", out="o", reward="tradeoff", alpha=0.5)
 
 
-def test_metrics_on_a_hand_made_table(tmp_path):
-    hand_collection(tmp_path)
+@pytest.mark.parametrize("failures_file", [False, True], ids=["failed-record", "failures.jsonl"])
+def test_metrics_on_a_hand_made_table(tmp_path, failures_file):
+    """The failed episode is a `failed: true` record, or (as `haps collect` writes it) a failures.jsonl line."""
+    hand_collection(tmp_path, failures_file)
     s = run_eval(config(tmp_path), progress=False)
+    assert s["failed_records"] == {"test": 1}
     m = s["methods"]
     assert s["test_problems"] == 4 and s["episodes_played"] == 0
     assert s["weak"]["key"] == K_SS and s["strong"]["key"] == K_BB

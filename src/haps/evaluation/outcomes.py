@@ -2,7 +2,8 @@
 
 `Outcomes` holds (P, A) tensors for the P test problems and the A assignments (product order) with a
 status per cell: ``MISSING`` (neither collected nor played), ``OK`` (scored) or ``FAILED`` (the episode
-failed: its record has ``failed: true`` or no reward / score). Cells come from the action table
+failed: its record has ``failed: true`` or no reward / score, or the collection logged it only in
+``failures.jsonl``, or it failed when played here). Cells come from the action table
 (``LOOKUP``: exact under greedy decoding, the episode would replay identically) or from episodes played
 for this evaluation (``EPISODES``). Rewards are always recomputed from score and cost with the
 evaluation's reward (`Rewarder`), so a lookup and a played episode of the same (p, z) agree.
@@ -33,8 +34,10 @@ SOURCE_NAMES = {LOOKUP: "lookup", EPISODES: "episodes"}
 
 
 def is_failed(record: Mapping[str, Any]) -> bool:
-    """A record that must not be scored: ``failed: true``, or no reward or score."""
-    return bool(record.get("failed")) or record.get("reward") is None or record.get("score") is None
+    """A record that must not be scored: ``failed: true``, or no reward or score (`haps.train.collect.failed_record`)."""
+    from haps.train.collect import failed_record
+
+    return failed_record(dict(record))
 
 
 class Rewarder:
@@ -111,6 +114,22 @@ class Outcomes:
             self.set(i, j, score=r.get("score"), cost=r.get("cost"), failed=is_failed(r), source=LOOKUP,
                      rewarder=rewarder)
             n += 1
+        return n
+
+    def add_failures(self, failures: Iterable[Mapping[str, Any]]) -> int:
+        """Mark as FAILED (looked up) the cells of these problems that only failed at collection
+        (``failures.jsonl`` lines; a cell with a record keeps it); returns how many were marked."""
+        row = self.row
+        n = 0
+        for f in failures:
+            i = row.get(str(f.get("problem_id")))
+            if i is None or not isinstance(f.get("assignment"), Mapping):
+                continue
+            j = self.space.index(self.space.from_names(f["assignment"]))
+            if int(self.status[i, j]) == MISSING:
+                self.status[i, j] = FAILED
+                self.source[i, j] = LOOKUP
+                n += 1
         return n
 
     def missing_cells(self, pi: torch.Tensor) -> list[tuple[int, int]]:

@@ -2,7 +2,8 @@
 
 Steps::
 
-    records     = the collection's actions; failed ones (failed: true, or no reward) are never used
+    records     = the collection's actions; failed ones (failed: true, or no reward) are never used, and
+                  the (problem, z) of its failures.jsonl without a record count as failed cells
     rewarder    = the evaluation's reward (default: the kind recorded); its cost normaliser is fitted on
                   the train split's costs; every reward is recomputed from score and cost with it
     train/valid = ActionTables of those splits (what every baseline is fitted on / best static is chosen on)
@@ -161,8 +162,15 @@ def run_eval(cfg: EvalConfig, *, pool=None, workflow=None, embedder: Callable | 
     pool_cfg = col.pool_config()
     prompts = [build_routing_prompt(workflow, pool_cfg, p) for p in test]
     outcomes = Outcomes.empty(space, [str(p.id) for p in test])
+    failures = _collection_failures(col.path)
+    recorded = {(str(r["problem_id"]), space.key(r["assignment"])) for r in good}
+    for f in failures:  # (problem, z) the collection tried and never recorded
+        if (str(f.get("problem_id")), str(f.get("key"))) not in recorded:
+            split = str(f.get("split"))
+            failed_by_split[split] = failed_by_split.get(split, 0) + 1
     if cfg.scoring != "episodes":
         outcomes.add_records(col.records, rewarder)
+        outcomes.add_failures(failures)
     say(f"{len(test)} test problems ({test_source}); train {len(train.problem_ids)}, valid "
         f"{len(valid.problem_ids) if valid is not None else 0}; {int((outcomes.status != MISSING).sum())} test cells "
         "in the action table")
@@ -282,6 +290,21 @@ def run_eval(cfg: EvalConfig, *, pool=None, workflow=None, embedder: Callable | 
     summary["static_hull"] = static_hull(methods)
     _write(out, summary, rows, labels, keys, space)
     return summary
+
+
+def _collection_failures(path: Path) -> list[dict[str, Any]]:
+    """The collection's ``failures.jsonl`` lines, one per (problem, assignment) (empty when it has none)."""
+    from haps.files import read_jsonl
+    from haps.train.collect import FAILURES
+
+    p = Path(path) / FAILURES
+    if not p.exists():
+        return []
+    last: dict[tuple[str, str], dict[str, Any]] = {}
+    for f in read_jsonl(p):
+        if isinstance(f, dict):
+            last[(str(f.get("problem_id")), str(f.get("key")))] = f
+    return list(last.values())
 
 
 def _finite(x) -> float | None:
