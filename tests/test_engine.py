@@ -145,3 +145,48 @@ def test_middle_truncation_keeps_the_start_and_the_end(tiny_llama):
     text = tiny_llama.tokenizer.decode(ids)
     out = tiny_llama.generate([GenRequest(prompt=text, max_new_tokens=3, truncation="middle")])[0]
     assert out.error is None and len(out.token_ids) == 3 and out.prompt_tokens == window - 3
+
+
+@pytest.mark.parametrize("last_k", [1, 2])
+@pytest.mark.parametrize("share", [False, True])
+def test_kept_states_rescore_like_the_whole_model(tiny, last_k, share):
+    """Rows that ask for it keep the states entering the first adapted layer (prompt and fed tokens, shared
+    prefixes and compaction included); re-scoring from them equals re-scoring through the whole model, with
+    gradients to the same adapters."""
+    target = LoraTarget(last_k_layers=last_k, rank=4, alpha=0.5)
+    adapters = [_adapter(tiny, target, 1), None, _adapter(tiny, target, 2), _adapter(tiny, target, 1)]
+    lens = [7, 3, 12, 1]  # rows finish at different steps; the last one right after prefill
+    reqs = [GenRequest(prompt=INSTRUCTIONS + f"Question {i}?", max_new_tokens=n, adapter=a, keep_states=True,
+                       temperature=1.0) for i, (n, a) in enumerate(zip(lens, adapters, strict=True))]
+    lm = LocalModel(tiny.spec, tiny.model, tiny.tokenizer,
+                    options=DecodeOptions(share_prefix=share, min_shared_prefix=4))
+    gens = lm.generate(reqs, target=target, seed=3)
+    first = min(tiny.lora_sites(target).layers)
+    rows = [i for i, a in enumerate(adapters) if a is not None]
+    assert gens[1].states is None  # no adapter: nothing to keep
+    for i in rows:
+        g = gens[i]
+        assert g.states_layer == first and g.states.shape == (len(g.prompt_ids) + len(g.token_ids) - 1,
+                                                              tiny.model.config.hidden_size)
+    leaves = {}
+    for i in rows:
+        a = adapters[i]
+        leaves.setdefault(id(a), RowAdapter(A=[x.clone().requires_grad_() for x in a.A],
+                                            B=[x.clone().requires_grad_() for x in a.B]))
+    args = ([gens[i].prompt_ids for i in rows], [gens[i].token_ids for i in rows],
+            [leaves[id(adapters[i])] for i in rows], target)
+    want = lm.score(*args)
+    want.sum().backward()
+    want_grads = {k: [x.grad.clone() for x in v.A + v.B] for k, v in leaves.items()}
+    for v in leaves.values():
+        for x in v.A + v.B:
+            x.grad = None
+    got = lm.score(*args, states=[gens[i].states for i in rows], states_layer=first)
+    got.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for k, v in leaves.items():
+        for x, g in zip(v.A + v.B, want_grads[k], strict=True):
+            torch.testing.assert_close(x.grad, g, rtol=1e-3, atol=1e-5)
+    with torch.no_grad():  # and the recorded sampling log-probs are the same distribution's
+        for j, i in enumerate(rows):
+            assert float(got[j]) == pytest.approx(sum(gens[i].logprobs), abs=1e-3)

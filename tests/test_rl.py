@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from haps.errors import ConfigError
+from haps.models.types import GenRequest
 from haps.metrics import RewardConfig
 from haps.routing.low_level import LowLevelConfig
 from haps.train.rl import RLConfig, RLRecipe
@@ -126,29 +127,49 @@ def test_routing_term_alone_trains_the_backbone_without_adapters(tmp_path, smol_
 
 def test_planted_assignment_and_adapter_direction_are_learnt(tmp_path, smol_tokenizer, tiny_llama, tiny_gemma3):
     """Reward = 0.5 [teacher on tiny-gemma3] + 0.5 share of the student's tokens in a planted half of the
-    vocabulary (one embedding direction): P(good teacher) and the planted-token share both rise (fixed seeds)."""
+    vocabulary (one embedding direction). With a fixed seed: P(good teacher | p) rises, the probability mass the
+    student puts on the planted tokens under its generated adapter rises, and so does the reward."""
     rec = _recipe(tmp_path, smol_tokenizer, tiny_llama, tiny_gemma3, n=40, epochs=2, baseline="mean",
                   token_norm="mean", max_new_tokens=6)
     good = rec.router.space.models.index(GOOD_TEACHER)
-    probe = [p for p in rec.data.train[:8]]
-
-    def p_good() -> float:
-        from haps.routing.prompt import build_routing_prompt
-
-        with torch.no_grad():
-            decs = rec.router.decide([build_routing_prompt(rec.workflow, rec.pool.config, p) for p in probe], "argmax")
-        return sum(sum(float(d.probs[i]) for i, z in enumerate(rec.router.space.assignments()) if z[0] == good)
-                   for d in decs) / len(decs)
-
-    p0 = p_good()
+    probe = rec.data.train[:8]
+    before = _probe(rec, probe, good)
     records = [rec.step(k) for k in range(20)]
-    p1 = p_good()
+    after = _probe(rec, probe, good)
     first, last = records[:4], records[-4:]
-    mean = lambda rs, f: sum(f(r) for r in rs) / len(rs)  # noqa: E731
-    assert p1 > p0 + 0.2, (p0, p1)
-    assert mean(last, lambda r: r.reward_mean) > mean(first, lambda r: r.reward_mean) + 0.1
-    low = lambda r: 2 * r.score_mean - sum(n for k, n in r.assignments.items() if "teacher=tiny-gemma3" in k) / 4  # noqa: E731
-    assert mean(last, low) > mean(first, low) + 0.1
+    assert after["p_good"] > before["p_good"] + 0.2, (before, after)
+    # tiny-gemma3's one adapter also serves the (unrewarded) teacher role, so its share moves less
+    assert after["tiny-llama"] > before["tiny-llama"] + 0.1, (before, after)
+    mean = lambda d: (d["tiny-llama"] + d["tiny-gemma3"]) / 2  # noqa: E731
+    assert mean(after) > mean(before) + 0.05, (before, after)
+    assert sum(r.reward_mean for r in last) / 4 > sum(r.reward_mean for r in first) / 4 + 0.1
+
+
+def _probe(rec: RLRecipe, problems, good: int) -> dict[str, float]:
+    """P(teacher = good | p), and per student model the mass its next-token distribution puts on the planted
+    tokens right after the student prompt, under the adapter generated for it (averaged over ``problems``)."""
+    from haps.models.adapters import adapters_in_scope
+    from haps.routing.prompt import build_routing_prompt
+
+    space, target = rec.router.space, rec.pool.config.lora
+    prompts = [build_routing_prompt(rec.workflow, rec.pool.config, p) for p in problems]
+    out = {}
+    with torch.no_grad():
+        decs = rec.router.decide(prompts, "argmax")
+        out["p_good"] = sum(sum(float(d.probs[i]) for i, z in enumerate(space.assignments()) if z[0] == good)
+                            for d in decs) / len(decs)
+        for k, model in enumerate(space.models):
+            backend = rec.pool.backend(model)
+            planted = torch.tensor(sorted(rec.workflow.planted[model]))
+            given = rec.router.decide(prompts, "given", assignments=[(good, k)] * len(prompts))
+            mass = 0.0
+            for p, d in zip(problems, given, strict=True):
+                ids = torch.tensor([backend.encode(GenRequest(prompt=f"Student, about the {p.question}:"))[1]])
+                with adapters_in_scope(backend.adapter_batch([d.adapters["student"]], target)):
+                    logits = backend.model(input_ids=ids).logits[0, -1]
+                mass += float(torch.softmax(logits.float(), -1)[planted].sum())
+            out[model] = mass / len(problems)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- resume

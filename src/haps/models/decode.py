@@ -129,8 +129,12 @@ class LeanDecode:
     compacts_in_place = True
     # a group's prefix keeps one copy of its keys/values (`StaticKVCache.shared`), attended in two parts
     shares_prefixes = True
+    # with capture_layer: the states entering that layer, per prompt and fed token
+    captures_states = True
 
-    def __init__(self, model: nn.Module, max_new_tokens: int, pad_id: int = 0) -> None:
+    def __init__(self, model: nn.Module, max_new_tokens: int, pad_id: int = 0, capture_layer: int | None = None) -> None:
+        """``capture_layer``: keep the hidden states entering that decoder layer, for every prompt token
+        (`prompt_states`, after `prefill`) and every token a step feeds (`step_states`, after `step`)."""
         self.model = model
         self.cfg = model.config
         self.decoder = model.get_decoder()
@@ -146,6 +150,9 @@ class LeanDecode:
         self.cache: StaticKVCache | None = None
         self.pad_add: torch.Tensor | None = None  # (b, S): 0 where a key is a real token, finfo.min where padding
         self.next_pos: torch.Tensor | None = None  # (b,)
+        self.capture_layer = capture_layer
+        self.prompt_states: list[torch.Tensor] = []  # per row (prompt length, d), after prefill
+        self.step_states: torch.Tensor | None = None  # (b, d) of the last step's tokens
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -169,42 +176,63 @@ class LeanDecode:
         over its prefix's copy. Then the last tokens run as the first decode step (`start`).
         """
         seqs, lengths, b, dev = plan.seqs, plan.lengths, len(plan.seqs), self.device
+        parts: list[list[torch.Tensor]] = [[] for _ in range(b)]  # captured states, per row in prompt order
         if plan.plain:
             ids, mask = left_pad(seqs, self.pad_id, dev)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, L)
             cache = self.open_cache(b, ids.shape[1] - 1)
             if ids.shape[1] > 1:
-                self.prefill_block(cache, torch.arange(b, device=dev), ids[:, :-1], mask[:, :-1].bool(),
-                                   pos[:, :-1], 0, adapters)
-            return self.start(cache, ids[:, -1], mask, pos[:, -1], adapters)
+                self._block(cache, list(range(b)), ids[:, :-1], mask[:, :-1].bool(), pos[:, :-1], 0, adapters, parts)
+            return self._start_prompt(cache, ids[:, -1], mask, pos[:, -1], adapters, parts)
         width = max(plan.body(r) for r in range(b))
         cache = self.open_cache(b, width)
-        cache.shared = [self._shared_prefix(list(g.tokens), torch.tensor(g.rows, device=dev),
-                                            None if adapters is None else adapters.select([g.rows[0]]))
+        cache.shared = [self._shared_prefix(g, None if adapters is None else adapters.select([g.rows[0]]), parts)
                         for g in plan.groups]
         for rows in plan.buckets:
             T = max(plan.body(r) for r in rows)
             ids, valid = left_pad([seqs[r][plan.covered[r]:lengths[r] - 1] for r in rows], self.pad_id, dev)
             offset = torch.tensor([plan.covered[r] - (T - plan.body(r)) for r in rows], device=dev)
             pos = (offset[:, None] + torch.arange(T, device=dev)[None]).clamp(min=0)  # (n, T) absolute
-            self.prefill_block(cache, torch.tensor(rows, device=dev), ids, valid.bool(), pos, width - T,
-                               None if adapters is None else adapters.select(rows))
+            self._block(cache, rows, ids, valid.bool(), pos, width - T,
+                        None if adapters is None else adapters.select(rows), parts)
         last = torch.tensor([s[-1] for s in seqs], dtype=torch.long, device=dev)  # (b,)
         mask = torch.zeros((b, width + 1), dtype=torch.long, device=dev)
         for r in range(b):
             mask[r, width - plan.body(r):] = 1  # the row's own positions, then its last token
         pos = torch.tensor([n - 1 for n in lengths], dtype=torch.long, device=dev)
-        return self.start(cache, last, mask, pos, adapters)
+        return self._start_prompt(cache, last, mask, pos, adapters, parts)
 
-    def _shared_prefix(self, tokens: list[int], rows: torch.Tensor, adapters: AdapterBatch | None) -> SharedPrefix:
-        """One group's prefix run at batch 1 with its rows' adapter, as a `SharedPrefix` of ``rows``."""
-        n = len(tokens)
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+    def _block(self, cache: StaticKVCache, rows: list[int], ids, valid, pos, start: int, adapters,
+               parts: list[list[torch.Tensor]]) -> None:
+        """`prefill_block` over batch rows ``rows``; captured states of their valid tokens go to ``parts``."""
+        cap: list[torch.Tensor] | None = [] if self.capture_layer is not None else None
+        self.prefill_block(cache, torch.tensor(rows, device=self.device), ids, valid, pos, start, adapters, cap)
+        if cap:
+            h = cap[0].view(len(rows), ids.shape[1], -1)  # (n, T, d)
+            for j, r in enumerate(rows):
+                parts[r].append(h[j][valid[j]])
+
+    def _start_prompt(self, cache, last, mask, pos, adapters, parts: list[list[torch.Tensor]]) -> torch.Tensor:
+        """`start` (the prompts' last tokens), then each row's captured prompt states in `prompt_states`."""
+        out = self.start(cache, last, mask, pos, adapters)
+        if self.capture_layer is not None:
+            self.prompt_states = [torch.cat([*p, self.step_states[r:r + 1]]) for r, p in enumerate(parts)]
+        return out
+
+    def _shared_prefix(self, group, adapters: AdapterBatch | None, parts: list[list[torch.Tensor]]) -> SharedPrefix:
+        """One group's prefix run at batch 1 with its rows' adapter, as a `SharedPrefix` of its rows (captured
+        states go to each of its rows in ``parts``)."""
+        n = group.length
+        ids = torch.tensor([list(group.tokens)], dtype=torch.long, device=self.device)
         cache = self.open_cache(1, n)
+        cap: list[torch.Tensor] | None = [] if self.capture_layer is not None else None
         self.prefill_block(cache, torch.zeros(1, dtype=torch.long, device=self.device), ids,
                            torch.ones_like(ids, dtype=torch.bool), torch.arange(n, device=self.device)[None], 0,
-                           adapters)
-        return SharedPrefix(rows=rows, keys=[k[:, :, :n] for k in cache.keys], values=[v[:, :, :n] for v in cache.values])
+                           adapters, cap)
+        for r in group.rows if cap else ():
+            parts[r].append(cap[0])
+        return SharedPrefix(rows=torch.tensor(group.rows, device=self.device), keys=[k[:, :, :n] for k in cache.keys],
+                            values=[v[:, :, :n] for v in cache.values])
 
     def open_cache(self, b: int, width: int) -> StaticKVCache:
         """Empty static buffers for b rows whose first ``width`` positions prefill blocks fill in place.
@@ -221,11 +249,13 @@ class LeanDecode:
         return StaticKVCache(keys, values, width)
 
     def prefill_block(self, cache: StaticKVCache, rows: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor,
-                      pos: torch.Tensor, start: int, adapters: AdapterBatch | None) -> None:
+                      pos: torch.Tensor, start: int, adapters: AdapterBatch | None,
+                      capture: list[torch.Tensor] | None = None) -> None:
         """Runs a block of T tokens for each of ``cache`` rows ``rows`` (n,) and writes their keys/values at cache
         positions [start, start + T): ids, pos (n, T), left-padded where ``valid`` (n, T, bool) is False;
         ``adapters``: those n rows' (or None). Each token attends over its row's shared prefix
-        (``cache.shared``) and the block's earlier tokens, so a block never copies a prefix.
+        (``cache.shared``) and the block's earlier tokens, so a block never copies a prefix. ``capture`` gets
+        the token rows (n * T, d) entering ``capture_layer``.
         """
         if adapters is not None and adapters.rows != rows.numel():
             from haps.errors import ShapeError
@@ -235,7 +265,7 @@ class LeanDecode:
         h = self.decoder.embed_tokens(ids)  # (n, T, d)
         plans = self._block_plans(cache, rows, valid, pos, start)
         last = {t: dataclasses.replace(p, keys_only=True) for t, p in plans.items()}  # the last layer's plans
-        self._run_layers(h.reshape(-1, h.shape[-1]), self._rotary(h, pos), plans, cache, adapters, last)
+        self._run_layers(h.reshape(-1, h.shape[-1]), self._rotary(h, pos), plans, cache, adapters, last, capture)
 
     def _rotary(self, h: torch.Tensor, pos: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per attention type, (cos, sin) as token rows (N, hd) for states h (n, T, d) at positions pos (n, T)."""
@@ -247,11 +277,14 @@ class LeanDecode:
         return {t: (cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])) for t, (cos, sin) in pes.items()}
 
     def _run_layers(self, h: torch.Tensor, pes: dict, plans: dict, cache: StaticKVCache,
-                    adapters: AdapterBatch | None, last_plans: dict | None = None) -> torch.Tensor:
+                    adapters: AdapterBatch | None, last_plans: dict | None = None,
+                    capture: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Every decoder layer on token rows h (N, d), each with its attention type's rotary and plan (the last
-        layer with ``last_plans`` where given) -> (N, d)."""
+        layer with ``last_plans`` where given) -> (N, d); ``capture`` gets the rows entering ``capture_layer``."""
         final = len(self.layers) - 1
         for li, (layer, lt) in enumerate(zip(self.layers, self.layer_types, strict=True)):
+            if capture is not None and li == self.capture_layer:
+                capture.append(h)
             cos, sin = pes[lt]
             plan = last_plans[lt] if last_plans is not None and li == final else plans[lt]
             h = self.layer_step(layer, h, cos, sin, plan, cache, li, adapters)
@@ -378,7 +411,9 @@ class LeanDecode:
         n = cache.length + 1  # keys visible to the new token
         pos = self.next_pos[:, None]  # (b, 1)
         h = self.decoder.embed_tokens(tokens[:, None])  # (b, 1, d)
-        h = self._run_layers(h[:, 0], self._rotary(h, pos), self._masks(n), cache, adapters)  # (b, d)
+        cap: list[torch.Tensor] | None = [] if self.capture_layer is not None else None
+        h = self._run_layers(h[:, 0], self._rotary(h, pos), self._masks(n), cache, adapters, capture=cap)  # (b, d)
+        self.step_states = cap[0] if cap else None
         cache.advance(1)
         self.next_pos = self.next_pos + 1
         return self.decoder.norm(h)  # (b, d)

@@ -120,6 +120,9 @@ class DecodeEngine(Protocol):
     compacts_in_place: ClassVar[bool]
     #: a group's prompt prefix is stored once and attended in two parts (else copied into every row)
     shares_prefixes: ClassVar[bool]
+    #: keeps the hidden states entering ``capture_layer`` (``prompt_states`` after prefill, ``step_states``
+    #: after each step); engines without it leave those empty and scoring runs the whole model
+    captures_states: ClassVar[bool]
     #: shared prefixes that the last prefill copied into their rows after all (too small to pay)
     inlined_prefixes: int
 
@@ -133,9 +136,11 @@ class DecodeEngine(Protocol):
     def select_rows(self, keep: torch.Tensor) -> None: ...
 
 
-def make_engine(model: torch.nn.Module, kind: EngineKind, max_new_tokens: int, pad_id: int = 0) -> DecodeEngine:
+def make_engine(model: torch.nn.Module, kind: EngineKind, max_new_tokens: int, pad_id: int = 0,
+                capture_layer: int | None = None) -> DecodeEngine:
     """The engine for one batch of ``model`` generating at most ``max_new_tokens`` per row: `LeanDecode` where
-    it applies (``auto``) or is asked for, else `HFDecode`. ``pad_id`` fills padded positions."""
+    it applies (``auto``) or is asked for, else `HFDecode`. ``pad_id`` fills padded positions;
+    ``capture_layer``: keep the states entering that layer (engines that can)."""
     from haps.errors import ConfigError
     from haps.models.decode import LeanDecode
     from haps.models.hf_decode import HFDecode
@@ -146,4 +151,4 @@ def make_engine(model: torch.nn.Module, kind: EngineKind, max_new_tokens: int, p
         raise ConfigError(f"decode engine 'lean' does not support this {model.config.model_type!r} model (its "
                           "family, attention implementation or a layer feature such as attention soft-capping); "
                           "use engine 'auto' or 'hf'.")
-    return LeanDecode(model, max_new_tokens, pad_id)
+    return LeanDecode(model, max_new_tokens, pad_id, capture_layer)

@@ -41,6 +41,7 @@ class HFDecode:
 
     compacts_in_place = False  # select_rows copies the whole cache
     shares_prefixes = False  # prefixes are computed once but copied into every row
+    captures_states = False  # re-scoring runs the whole model
 
     def __init__(self, model: nn.Module, pad_id: int = 0) -> None:
         self.model = model
@@ -49,6 +50,8 @@ class HFDecode:
         self.mask: torch.Tensor | None = None  # (b, n) 1 = real token
         self.next_pos: torch.Tensor | None = None  # (b,)
         self.inlined_prefixes = 0
+        self.prompt_states: list[torch.Tensor] = []  # never kept (captures_states is False)
+        self.step_states: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:

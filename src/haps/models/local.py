@@ -64,6 +64,7 @@ class _Row:
     out_ids: list[int] = field(default_factory=list)
     out_lp: list[float] = field(default_factory=list)
     finish: str | None = None
+    states: list[torch.Tensor] = field(default_factory=list)  # kept hidden states: the prompt's, then per token
 
 
 def context_window(model: nn.Module) -> int | None:
@@ -222,11 +223,16 @@ class LocalModel:
     def _generate_batch(self, reqs: list[GenRequest], rows: list[_Row], target: LoraTarget | None,
                         gen: torch.Generator) -> list[Generation]:
         adapters = self.adapter_batch([r.adapter for r in reqs], target)
+        keep = any(r.keep_states and r.adapter is not None for r in reqs)
+        first = min(self.lora_sites(target).layers) if keep else None
         engine = make_engine(self.model, self.options.engine, max(r.max_new_tokens for r in reqs),
-                             self.tokenizer.pad_token_id)
+                             self.tokenizer.pad_token_id, first)
         t0 = time.perf_counter()
         plan = plan_prefill([r.prompt_ids for r in rows], self.options, adapters)
         out = engine.prefill(plan, adapters)
+        if keep and engine.captures_states:
+            for row, state in zip(rows, engine.prompt_states, strict=True):
+                row.states.append(state)
         t_prefill = time.perf_counter()
         steps = self._decode(engine, out, reqs, rows, adapters, gen)
         self._record_stats({"engine": type(engine).__name__, "rows": len(rows), **plan.stats(),
@@ -234,7 +240,8 @@ class LocalModel:
                             "decode_s": time.perf_counter() - t_prefill, "decode_steps": steps,
                             "decode_tokens": sum(len(r.out_ids) for r in rows) - len(rows),
                             "prompt_tokens": sum(len(r.prompt_ids) for r in rows)})
-        return [self._generation(req, row) for req, row in zip(reqs, rows, strict=True)]
+        return [self._generation(req, row, first if keep and engine.captures_states else None)
+                for req, row in zip(reqs, rows, strict=True)]
 
     def _decode(self, engine: DecodeEngine, out: torch.Tensor, reqs: list[GenRequest], rows: list[_Row],
                 adapters: AdapterBatch | None, gen: torch.Generator) -> int:
@@ -269,6 +276,9 @@ class LocalModel:
                 engine.select_rows(keep)
                 adapters = None if adapters is None else adapters.select(keep)
             out = engine.step(torch.tensor(tokens, dtype=torch.long, device=self.device), adapters)
+            if engine.step_states is not None:  # the fed tokens' kept states (every row here is live)
+                for j, i in enumerate(batch):
+                    rows[i].states.append(engine.step_states[j:j + 1])
             steps += 1
 
     def _append(self, req: GenRequest, row: _Row, token: int, logprob: float) -> bool:
@@ -283,7 +293,7 @@ class LocalModel:
             row.finish = "length"
         return row.finish is None
 
-    def _generation(self, req: GenRequest, row: _Row) -> Generation:
+    def _generation(self, req: GenRequest, row: _Row, states_layer: int | None) -> Generation:
         body = row.out_ids[:-1] if row.finish == "eos" else row.out_ids
         text = self.tokenizer.decode(body, skip_special_tokens=True)
         if row.finish == "stop":
@@ -294,7 +304,8 @@ class LocalModel:
         return Generation(text=text, model=self.spec.name, token_ids=row.out_ids,
                           logprobs=row.out_lp if req.logprobs else [], prompt_tokens=n_in, completion_tokens=n_out,
                           finish_reason=row.finish or "length", cost=self.spec.cost(n_in, n_out),
-                          prompt_text=row.prompt_text, prompt_ids=row.prompt_ids)
+                          prompt_text=row.prompt_text, prompt_ids=row.prompt_ids,
+                          **_kept_states(req, row, states_layer))
 
     def _record_stats(self, stats: dict) -> None:
         """This batch's timings for benchmarks (prefill includes the first token), and the running totals."""
@@ -306,15 +317,29 @@ class LocalModel:
             self.totals["batches"] = self.totals.get("batches", 0) + 1
 
     # ------------------------------------------------------------------ scoring (teacher forcing)
+    def _hidden_from_states(self, prompt_ids, completion_ids, states, layer, batch, target):
+        """(final-normed hidden (b, S, d) over the kept positions, S, 0): the adapted layers from the states."""
+        from haps.models.substack import forward_from
+
+        if layer is None:
+            raise ConfigError("score: states given without the layer they enter (states_layer).")
+        if target is not None and layer > min(self.lora_sites(target).layers):
+            raise ConfigError(f"score: the states enter layer {layer}, after the first adapted layer "
+                              f"{min(self.lora_sites(target).layers)}: they would miss adapters; re-score without them.")
+        h, valid = _states_batch(states, [len(p) + len(c) - 1 for p, c in zip(prompt_ids, completion_ids, strict=True)])
+        return forward_from(self.model, layer, h.to(self.device), valid.to(self.device), batch), h.shape[1], 0
     def score(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
               adapters: Sequence[RowAdapter | None] | None = None, target: LoraTarget | None = None,
-              chunk_bytes: int = 128 * 2**20, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+              chunk_bytes: int = 128 * 2**20, temperature: float = 1.0, top_p: float = 1.0,
+              states: Sequence[torch.Tensor] | None = None, states_layer: int | None = None) -> torch.Tensor:
         """Summed log-probs of each completion given its prompt, with gradients to the adapters.
 
         Returns (b,). Log-probs are those of the distribution sampling draws from: ``softmax(logits /
         temperature)`` renormalised over its top-``top_p`` nucleus (`haps.models.picking.token_logprobs`). The
         head runs on chunks of at most ``chunk_bytes`` of logits, recomputed in backward (checkpointing), so
-        peak memory holds one chunk, not (sum T, V).
+        peak memory holds one chunk, not (sum T, V). With ``states`` (each row's kept `Generation.states`,
+        entering decoder layer ``states_layer``, which must come before every adapted layer) only the layers
+        from there on run (`haps.models.substack`): the same log-probs, up to float rounding.
         """
         if len(prompt_ids) != len(completion_ids):
             raise ConfigError(f"score: {len(prompt_ids)} prompts but {len(completion_ids)} completions.")
@@ -328,27 +353,54 @@ class LocalModel:
             raise ConfigError(f"score: temperature must be > 0 (greedy decoding has no log-probs to train), "
                               f"got {temperature}.")
         batch = self.adapter_batch(list(adapters) if adapters is not None else [None] * len(prompt_ids), target)
-        seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
-        ids, mask = left_pad(seqs, self.tokenizer.pad_token_id, self.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        L = ids.shape[1]
+        if states is not None:
+            hidden, L, shift = self._hidden_from_states(prompt_ids, completion_ids, states, states_layer, batch, target)
+        else:
+            seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
+            ids, mask = left_pad(seqs, self.tokenizer.pad_token_id, self.device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            L, shift = ids.shape[1], 1
+            with adapters_in_scope(batch):
+                hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                                  use_cache=False).last_hidden_state  # (b, L, d)
         rows, cols, targets = [], [], []
         for i, c in enumerate(completion_ids):
             n = len(c)
             rows += [i] * n
-            cols += list(range(L - 1 - n, L - 1))  # position t predicts token t+1
+            cols += list(range(L - shift - n, L - shift))  # position t predicts token t+1
             targets += list(c)
-        with adapters_in_scope(batch):
-            hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                              use_cache=False).last_hidden_state  # (b, L, d)
         if not targets:
-            return hidden.new_zeros(len(seqs))
+            return hidden.new_zeros(len(prompt_ids))
         h = hidden[torch.tensor(rows), torch.tensor(cols)]  # (N, d)
         token_lp = token_logprobs(self.model.get_output_embeddings(), h, torch.tensor(targets, device=h.device),
                                   getattr(self.model.config, "final_logit_softcapping", None), temperature,
                                   top_p, chunk_bytes)  # (N,)
-        out = hidden.new_zeros(len(seqs))
+        out = hidden.new_zeros(len(prompt_ids))
         return out.index_add(0, torch.tensor(rows, device=h.device), token_lp)
+
+
+def _states_batch(states: Sequence[torch.Tensor], expect: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept states (n_i, d) left-padded into (b, S, d) with a validity mask (b, S)."""
+    from haps.errors import ShapeError
+
+    for i, (st, n) in enumerate(zip(states, expect, strict=True)):
+        if st.shape[0] != n:
+            raise ShapeError(f"score: row {i} has states for {st.shape[0]} positions but its prompt and completion "
+                             f"need {n} (prompt + completion - 1): pass the states its generation kept.")
+    S = max(expect)
+    h = states[0].new_zeros((len(states), S, states[0].shape[1]))
+    valid = torch.zeros((len(states), S), dtype=torch.bool, device=h.device)
+    for i, st in enumerate(states):
+        h[i, S - st.shape[0]:] = st
+        valid[i, S - st.shape[0]:] = True
+    return h, valid
+
+
+def _kept_states(req: GenRequest, row: _Row, layer: int | None) -> dict:
+    """Generation fields for the row's kept states: (prompt + completion - 1, d) entering ``layer``."""
+    if layer is None or not req.keep_states or req.adapter is None:
+        return {}
+    return {"states": torch.cat(row.states), "states_layer": layer}
 
 
 def _stop_tail(req: GenRequest) -> int:

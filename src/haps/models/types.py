@@ -58,6 +58,9 @@ class GenRequest:
     # a prompt that leaves no room for max_new_tokens in the model's context window: "error" (the row fails
     # with a message saying so) or "middle" (its middle tokens are cut; the start and the end are kept)
     truncation: Literal["error", "middle"] = "error"
+    # keep the hidden states entering the first adapted layer (`Generation.states`) when the row has an adapter
+    # and the engine can: re-scoring for RL then runs only the adapted layers (`haps.models.substack`)
+    keep_states: bool = False
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -87,3 +90,6 @@ class Generation:
     error: str | None = None
     prompt_text: str = ""  # exactly what the model saw (after templating); used to re-score for RL
     prompt_ids: list[int] = field(default_factory=list)  # the prompt's token ids as fed (local models; for RL)
+    # keep_states: (prompt + completion - 1, d) hidden states entering layer `states_layer` (in memory only)
+    states: torch.Tensor | None = field(default=None, repr=False)
+    states_layer: int | None = None

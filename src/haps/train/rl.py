@@ -355,11 +355,16 @@ class RLRecipe:
         target = self.pool.config.lora
         for model, items in rows.items():
             backend = self.pool.backend(model)
+            items.sort(key=lambda it: len(it[1].prompt_ids) + len(it[1].token_ids))  # little padding per chunk
             for s in range(0, len(items), cfg.score_batch):
                 chunk = items[s:s + cfg.score_batch]
+                layers = {t.states_layer for _, t, _ in chunk}
+                kept = len(layers) == 1 and None not in layers  # every row kept its states: the adapted layers only
                 with torch.enable_grad():
                     lp = backend.score([t.prompt_ids for _, t, _ in chunk], [t.token_ids for _, t, _ in chunk],
-                                       [a for _, _, a in chunk], target, temperature=cfg.temperature, top_p=cfg.top_p)
+                                       [a for _, _, a in chunk], target, temperature=cfg.temperature, top_p=cfg.top_p,
+                                       states=[t.states for _, t, _ in chunk] if kept else None,
+                                       states_layer=layers.pop() if kept else None)
                     (-(torch.tensor([tw[e] for e, _, _ in chunk]) * lp).sum() / E).backward()
                 for (e, _, _), v in zip(chunk, lp.detach(), strict=True):
                     sums[e] += v

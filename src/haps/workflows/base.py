@@ -15,9 +15,10 @@ episodes and send them to each model as one batch (paper, Appendix E.2).
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ValidationError
@@ -66,18 +67,19 @@ class Turn:
     prompt_text: str = field(default="", repr=False)  # exactly what the model saw (templated)
     prompt_ids: list[int] = field(default_factory=list, repr=False)  # its token ids as fed (local models)
     adapter_norm: float | None = None  # ||alpha A B||_F of the generated adapter this call ran with (None: none)
+    # the generation's kept hidden states (`Generation.states`, a tensor; in memory only, never logged)
+    states: Any = field(default=None, repr=False, compare=False)
+    states_layer: int | None = field(default=None, repr=False)
 
-    RL_FIELDS: ClassVar[tuple[str, ...]] = ("token_ids", "logprobs", "prompt_text", "prompt_ids")
+    RL_FIELDS: ClassVar[tuple[str, ...]] = ("token_ids", "logprobs", "prompt_text", "prompt_ids", "states_layer")
 
     def to_dict(self, include_rl: bool = False) -> dict[str, Any]:
-        d = asdict(self)
-        if not include_rl:
-            for k in self.RL_FIELDS:
-                d.pop(k)
-        return d
+        skip = {"states"} | (set() if include_rl else set(self.RL_FIELDS))
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in skip}
 
     def drop_rl(self) -> None:
         self.token_ids, self.logprobs, self.prompt_text, self.prompt_ids = [], [], "", []
+        self.states, self.states_layer = None, None
 
 
 @dataclass
@@ -276,7 +278,8 @@ class Workflow(ABC):
             output=output, action=action, retrieved=retrieved, tokens_in=gen.prompt_tokens,
             tokens_out=gen.completion_tokens, cost=gen.cost, parse_error=parse_error,
             finish_reason=gen.finish_reason, token_ids=list(gen.token_ids), logprobs=list(gen.logprobs),
-            prompt_text=gen.prompt_text, prompt_ids=list(gen.prompt_ids),
+            prompt_text=gen.prompt_text, prompt_ids=list(gen.prompt_ids), states=gen.states,
+            states_layer=gen.states_layer,
         )
         state.turns.append(turn)
         return turn

@@ -110,8 +110,8 @@ def run_episodes(pool, workflow: Workflow, jobs: Sequence[EpisodeJob], *,
                  stats: RunStats | None = None) -> list[EpisodeResult]:
     """Run every job's episode in lockstep (see the module docstring); results in job order.
 
-    ``record_logprobs`` keeps each turn's generated token ids, log-probs and templated prompt in
-    memory (for RL); they are never written to the log. ``seed`` makes sampled runs repeatable
+    ``record_logprobs`` keeps each turn's generated token ids, log-probs, prompt ids and (rows with adapters)
+    the hidden states entering the first adapted layer in memory (for RL); they are never written to the log. ``seed`` makes sampled runs repeatable
     (call i of the run uses seed + i). ``stats``, if given, is filled with the run's totals.
     """
     sampling = Sampling.model_validate(sampling) if isinstance(sampling, dict) else (sampling or Sampling())
@@ -146,7 +146,8 @@ def run_episodes(pool, workflow: Workflow, jobs: Sequence[EpisodeJob], *,
                         if call.max_new_tokens is not None:
                             cap = min(cap, call.max_new_tokens)
                         req = replace(call.request, max_new_tokens=cap, temperature=sampling.temperature,
-                                      top_p=sampling.top_p, adapter=adapter, logprobs=record_logprobs)
+                                      top_p=sampling.top_p, adapter=adapter, logprobs=record_logprobs,
+                                      keep_states=record_logprobs)
                         buckets.setdefault(model, []).append((i, call.role, req))
                 for model, items in buckets.items():
                     items = [it for it in items if it[0] not in failures]  # failed this step: no more calls
