@@ -453,3 +453,22 @@ def test_score_at_temperature_and_top_p_is_the_sampling_distribution(tiny_llama)
     with torch.no_grad():
         plain = tiny_llama.score([prompt], [comp], temperature=T).item()
     assert plain < got  # renormalising over a nucleus can only raise a kept token's log-prob
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.999999, 1.0])
+def test_nucleus_fast_path_equals_the_full_sort(top_p):
+    """The partial-sort nucleus keeps exactly the tokens (and weights) the full sort keeps: peaked rows take the
+    fast path, a flat row (nucleus larger than the candidates) the fallback."""
+    from haps.models import picking
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 5000) * torch.tensor([8.0, 4.0, 2.0, 1.0, 0.01])[:, None]
+    probs = torch.softmax(logits, -1)
+    tp = torch.full((5,), top_p)
+    for rows in ([0, 1, 2], [0, 1, 2, 3, 4]):  # only peaked rows / with a flat one
+        fast_w, fast_i = picking.nucleus(probs[rows], tp[rows])
+        ref_w, ref_i = picking.reference_nucleus(probs[rows], tp[rows])
+        dense_fast = torch.zeros_like(probs[rows]).scatter_(1, fast_i, fast_w)
+        dense_ref = torch.zeros_like(probs[rows]).scatter_(1, ref_i, ref_w)
+        assert torch.equal(dense_fast, dense_ref)
+    assert picking.NUCLEUS_CANDIDATES < 5000  # so the fast path is exercised here

@@ -84,7 +84,7 @@ def _snapshot(module) -> dict[str, torch.Tensor]:
 
 def test_unused_heads_get_no_gradient_and_no_step(tmp_path, smol_tokenizer, tiny_llama, tiny_gemma3):
     rec = _recipe(tmp_path, smol_tokenizer, tiny_llama, tiny_gemma3, high_level="fixed",
-                  fixed_assignment="teacher=tiny-llama,student=tiny-llama")
+                  fixed_assignment="teacher=tiny-llama,student=tiny-llama", reward=RewardConfig(kind="shaped"))
     used, unused = rec.router.generators["tiny-llama"], rec.router.generators["tiny-gemma3"]
     before_used, before_unused = _snapshot(used), _snapshot(unused)
     backbone0 = [p.detach().clone() for p in rec.router.parameters("backbone")]

@@ -141,6 +141,15 @@ def check_out(path: str | os.PathLike | None, *, folder: bool = False, what: str
         check_writable(path, folder=folder, what=what)
 
 
+def failed_episodes_line(summary: Mapping[str, Any]) -> str:
+    """What `summarize` says about failed episodes, as one line (empty when none failed)."""
+    if not summary.get("failed"):
+        return ""
+    models = ", ".join(f"{m}: {n}" for m, n in sorted(summary["failed_by_model"].items()))
+    return (f"{summary['failed']} of {summary['episodes']} episodes failed ({models}) and have no score; first "
+            f"error: {summary['first_error']}. The mean score is over the others; fix the cause and rerun.")
+
+
 def report_failures(lines: list[str]) -> None:
     """Print ``lines`` (what failed and what to do) in red on stderr and exit with `EPISODES_FAILED`;
     nothing to report: return."""

@@ -11,7 +11,15 @@ from pathlib import Path
 import typer
 
 from haps.cli import app
-from haps.cli.common import check_out, data_path, options_opt, parse_options, workflow_opt
+from haps.cli.common import (
+    check_out,
+    data_path,
+    failed_episodes_line,
+    options_opt,
+    parse_options,
+    report_failures,
+    workflow_opt,
+)
 
 
 @app.command("infer")
@@ -57,10 +65,13 @@ def infer_cmd(
     for key, rs in sorted(by.items()):
         norms = [tu.adapter_norm for r in rs for tu in r.turns if tu.adapter_norm is not None]
         turns = sum(len(r.turns) for r in rs)
-        t.add_row(key, str(len(rs)), f"{sum(r.score for r in rs) / len(rs):.4f}",
+        ok = [r.score for r in rs if not r.failed]
+        t.add_row(key, str(len(rs)), f"{sum(ok) / len(ok):.4f}" if ok else "-",
                   f"{sum(r.parse_failures for r in rs) / max(turns, 1):.1%}",
                   f"{sum(norms) / len(norms):.3g}" if norms else "-")
-    t.add_row("all", str(s["episodes"]), f"{s['score']:.4f}", f"{s['parse_failure_rate']:.1%}", "")
+    t.add_row("all", str(s["episodes"]), f"{s['score']:.4f}" if s["score"] is not None else "-",
+              f"{s['parse_failure_rate']:.1%}", "")
     con = Console()
     con.print(t)
     con.print(f"episode log: {out} ({s['wall_s']:.1f} s)")
+    report_failures([failed_episodes_line(s)])

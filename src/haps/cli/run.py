@@ -19,6 +19,7 @@ from haps.cli.common import (
     field_help,
     options_opt,
     parse_options,
+    failed_episodes_line,
     report_failures,
     workflow_opt,
 )
@@ -120,7 +121,4 @@ def run(
     con.print(t)
     if cfg.out is not None:
         con.print(f"episode log: {cfg.out}")
-    if s["failed"]:
-        models = ", ".join(f"{m}: {n}" for m, n in sorted(s["failed_by_model"].items()))
-        report_failures([f"{s['failed']} of {s['episodes']} episodes failed ({models}) and have no score; first "
-                         f"error: {s['first_error']}. The mean score is over the others; fix the cause and rerun."])
+    report_failures([failed_episodes_line(s)])

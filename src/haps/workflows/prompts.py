@@ -69,9 +69,15 @@ class PromptTemplate:
         return msgs + [{"role": "user", "content": self.chat_text(values)}]
 
     def request(self, style: Style, values: dict[str, str], tag: str = "", chat_example: bool = True) -> GenRequest:
+        """The call's request. Prompts that grow with the rounds (summaries, memory, feedback) may outgrow a
+        model's context window: ``truncation="middle"`` then cuts their middle tokens (the instructions and the
+        worked example at the start, the question and the answer prefix at the end stay), so an episode never
+        fails on length."""
         if style == "completion":
-            return GenRequest(prompt=self.completion_text(values), stop=self.completion_stops(), tag=tag)
-        return GenRequest(messages=self.chat_messages(values, chat_example), stop=list(self.chat_stops), tag=tag)
+            return GenRequest(prompt=self.completion_text(values), stop=self.completion_stops(), tag=tag,
+                              truncation="middle")
+        return GenRequest(messages=self.chat_messages(values, chat_example), stop=list(self.chat_stops), tag=tag,
+                          truncation="middle")
 
     def full_output(self, style: Style, text: str) -> str:
         """The model's text as a parser should see it: completion outputs get their label back."""
