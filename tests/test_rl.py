@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from haps.errors import ConfigError
-from haps.models.types import GenRequest
 from haps.metrics import RewardConfig
+from haps.models.types import GenRequest
 from haps.routing.low_level import LowLevelConfig
 from haps.train.rl import RLConfig, RLRecipe
 from haps.train.rl_loss import advantages, baselines, policy_loss, token_weights

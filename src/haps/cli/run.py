@@ -16,10 +16,10 @@ from haps.cli.common import (
     check_out,
     config_opt,
     data_path,
+    failed_episodes_line,
     field_help,
     options_opt,
     parse_options,
-    failed_episodes_line,
     report_failures,
     workflow_opt,
 )
