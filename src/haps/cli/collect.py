@@ -45,6 +45,9 @@ def collect_cmd(
     max_attempts: int = typer.Option(None, min=1, help=field_help(CollectConfig, "max_attempts", "Runs that may try "
                                      "a (problem, assignment) whose episode fails (may change on resume: raise it to "
                                      "retry ones out of attempts).")),
+    share_tree: bool = typer.Option(None, "--share-tree/--no-share-tree", help=field_help(
+        CollectConfig, "share_tree", "Run the shared prefixes of each problem's episode tree once (greedy decoding: "
+        "the same records; may change on resume); --no-share-tree runs every episode on its own.")),
     option: list[str] = options_opt(),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
@@ -66,7 +69,7 @@ def collect_cmd(
     cfg = build_config(CollectConfig, per_task(base, task, PER_TASK), {
         "task": task, "data": data, "limit": limit, "pool": pool, "max_new_tokens": max_new_tokens,
         "sample": sample, "max_enumerate": max_enumerate, "seed": seed, "chunk_size": chunk_size,
-        "max_attempts": max_attempts, "workflow_options": parse_options(option)})
+        "max_attempts": max_attempts, "share_tree": share_tree, "workflow_options": parse_options(option)})
     if cfg.data:
         cfg.data = data_path(cfg.data)
     check_out(out, folder=True)

@@ -84,6 +84,10 @@ class CollectConfig(BaseModel):
     max_attempts: int = Field(default=3, ge=1, description="Runs that may try a (problem, assignment) whose "
                               "episode fails (a model call errored); after this many failures it is reported and "
                               "left unrecorded (raise it and rerun to try again).")
+    share_tree: bool = Field(default=True, description="Run the shared prefixes of a problem's episode tree once: "
+                             "under greedy decoding the assignments that agree on the roles called so far send "
+                             "identical requests (e.g. the Student's first turn), answered by one row each "
+                             "(`haps.workflows.runner`); the records are the same either way.")
 
     @field_validator("task")
     @classmethod
@@ -115,6 +119,7 @@ RESULT_FIELDS: dict[str, str] = {
 RUN_FIELDS: dict[str, str] = {
     "chunk_size": "batching only; a resumed run chunks the remaining problems anew anyway",
     "max_attempts": "how often a failed episode is retried; a recorded episode is the same either way",
+    "share_tree": "identical greedy requests answered by one row: the same generations, fewer rows",
 }
 #: Model-spec / pool fields that change how calls are made, not what they return (not compared on resume).
 POOL_RUN_FIELDS: dict[str, str] = {
@@ -370,7 +375,7 @@ def collect(cfg: CollectConfig, out: str | Path, *, problems: Sequence | None = 
                 jobs = [job_factory(p, space.to_names(z)) for p, z in chunk]
                 log_name = f"{EPISODES}/run{run_no:03d}-chunk{ci:05d}.jsonl"
                 results = runner(pool, workflow, jobs, sampling=sampling, log_path=out / log_name, seed=cfg.seed,
-                                 progress=False)
+                                 progress=False, share_calls=cfg.share_tree)
                 if len(results) != len(jobs):
                     raise ConfigError(f"runner returned {len(results)} results for {len(jobs)} jobs.")
                 lines = _log_lines(out / log_name)

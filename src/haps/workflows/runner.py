@@ -22,6 +22,19 @@ episode's other calls of that step are dropped (not sent, or their results not u
 
 ``max_live=1`` runs the same episodes one at a time (the reference the benchmark compares to).
 With greedy decoding both give the same predictions, up to float rounding in batched kernels.
+
+Shared calls (``share_calls``, the episode tree of a collection): under greedy decoding a call is a
+function of its request, so episodes that send the same request to the same model in one step get the
+same generation. That happens whenever the assignments of a problem agree on the roles called so far:
+the Student's first turn of (T=a, S=c) and (T=b, S=c) is one call. Such requests run once, as one row,
+and every episode that sent it gets its own copy of the generation (token counts and cost included,
+so each episode's record is what it would be alone)::
+
+    rows = unique requests of the bucket (same model; greedy; no adapter; equal fields but the tag)
+    gens = pool.generate(model, rows)
+    each episode's request -> a copy of its row's generation
+
+Sampled calls (temperature > 0) and rows with adapters are never shared.
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from haps.errors import ConfigError
 from haps.files import JsonlAppender
-from haps.models.types import GenRequest, RowAdapter
+from haps.models.types import Generation, GenRequest, RowAdapter
 from haps.progress import progress_bar
 from haps.workflows.base import EpisodeResult, EpisodeState, Turn, Workflow, generation_failed
 
@@ -74,6 +87,8 @@ class RunStats:
     wall_s: float = 0.0
     calls: int = 0  # pool.generate calls (batches)
     failed: int = 0  # episodes that ended at a failed call (counted in ``episodes`` too)
+    rows: int = 0  # rows the models generated (requests sent, less those shared)
+    shared_rows: int = 0  # requests answered by another episode's identical row (``share_calls``)
 
     @property
     def episodes_per_s(self) -> float:
@@ -107,12 +122,13 @@ def run_episodes(pool, workflow: Workflow, jobs: Sequence[EpisodeJob], *,
                  sampling: Sampling | dict[str, Any] | None = None,
                  record_logprobs: bool = False, log_path: str | os.PathLike | None = None,
                  seed: int | None = None, progress: bool = True, max_live: int | None = None,
-                 stats: RunStats | None = None) -> list[EpisodeResult]:
+                 stats: RunStats | None = None, share_calls: bool = False) -> list[EpisodeResult]:
     """Run every job's episode in lockstep (see the module docstring); results in job order.
 
     ``record_logprobs`` keeps each turn's generated token ids, log-probs, prompt ids and (rows with adapters)
     the hidden states entering the first adapted layer in memory (for RL); they are never written to the log. ``seed`` makes sampled runs repeatable
-    (call i of the run uses seed + i). ``stats``, if given, is filled with the run's totals.
+    (call i of the run uses seed + i). ``stats``, if given, is filled with the run's totals. ``share_calls``:
+    identical greedy requests of one step run once (see the module docstring); results are the same.
     """
     sampling = Sampling.model_validate(sampling) if isinstance(sampling, dict) else (sampling or Sampling())
     if max_live is not None and max_live < 1:
@@ -153,9 +169,13 @@ def run_episodes(pool, workflow: Workflow, jobs: Sequence[EpisodeJob], *,
                     items = [it for it in items if it[0] not in failures]  # failed this step: no more calls
                     if not items:
                         continue
-                    gens = pool.generate(model, [r for _, _, r in items],
-                                         seed=None if seed is None else seed + n_calls)
+                    reqs = [r for _, _, r in items]
+                    rows, row_of = share_rows(reqs) if share_calls else (reqs, list(range(len(reqs))))
+                    out = pool.generate(model, rows, seed=None if seed is None else seed + n_calls)
+                    gens = [out[k] if first else _copy(out[k]) for k, first in _firsts(row_of)]
                     n_calls += 1
+                    stats.rows += len(rows)
+                    stats.shared_rows += len(reqs) - len(rows)
                     for (i, role, req), gen in zip(items, gens, strict=True):
                         if i in failures:  # an earlier call of this episode in the same batch failed
                             continue
@@ -191,6 +211,49 @@ def run_episodes(pool, workflow: Workflow, jobs: Sequence[EpisodeJob], *,
         stats.wall_s = time.perf_counter() - t0
         stats.calls = n_calls
     return results  # type: ignore[return-value]
+
+
+def _share_key(req: GenRequest) -> tuple | None:
+    """What a greedy request's generation depends on (everything but the free-text tag); None: never shared
+    (sampled, or carrying an adapter)."""
+    if req.temperature > 0 or req.adapter is not None:
+        return None
+    msgs = None if req.messages is None else tuple(tuple(sorted(m.items())) for m in req.messages)
+    return (msgs, req.prompt, req.max_new_tokens, req.top_p, tuple(req.stop), req.response_prefix, req.logprobs,
+            req.truncation, req.keep_states)
+
+
+def share_rows(requests: Sequence[GenRequest]) -> tuple[list[GenRequest], list[int]]:
+    """(the distinct rows to generate, the row answering each request): identical greedy requests share one
+    row (`_share_key`); the others get a row each. Rows keep the order of their first request."""
+    rows: list[GenRequest] = []
+    row_of: list[int] = []
+    seen: dict[tuple, int] = {}
+    for req in requests:
+        key = _share_key(req)
+        if key is not None and key in seen:
+            row_of.append(seen[key])
+            continue
+        if key is not None:
+            seen[key] = len(rows)
+        row_of.append(len(rows))
+        rows.append(req)
+    return rows, row_of
+
+
+def _firsts(row_of: Sequence[int]) -> list[tuple[int, bool]]:
+    """(row, whether this is the row's first request) for each request."""
+    used: set[int] = set()
+    out = []
+    for k in row_of:
+        out.append((k, k not in used))
+        used.add(k)
+    return out
+
+
+def _copy(gen: Generation) -> Generation:
+    """Another episode's copy of a shared row's generation (its own lists; tensors are read-only)."""
+    return replace(gen, token_ids=list(gen.token_ids), logprobs=list(gen.logprobs), prompt_ids=list(gen.prompt_ids))
 
 
 def _norm(adapter: RowAdapter, pool) -> float:
