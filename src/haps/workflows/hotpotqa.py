@@ -46,8 +46,10 @@ from haps.workflows.parsing import (
     TeacherAction,
     parse_short_answer,
     parse_student_action,
+    parse_student_action_strict,
     parse_summary,
     parse_teacher_action,
+    parse_teacher_action_strict,
 )
 from haps.workflows.prompts import (
     BUDGET_CLOSED,
@@ -87,6 +89,10 @@ class HotpotQAOptions(BaseModel):
                                       "many characters (None: whole paragraph, as in the paper).")
     memory_items: int = Field(default=3, ge=1, description="summaries=False: how many past steps the raw "
                               "memory keeps.")
+    parsing: Literal["lenient", "strict"] = Field(
+        default="lenient", description="How the agents' actions are read: 'lenient' (other spellings, markdown, "
+        "missing brackets; `haps.workflows.parsing`) or 'strict' (exactly Thought/Action with Search[X], Finish[X], "
+        "[Continue], [Rethink], as the authors' code).")
 
 
 @dataclass
@@ -231,7 +237,7 @@ class HotpotQAWorkflow(Workflow):
 
     def _on_student(self, state: HotpotState, call: PendingCall, gen: Generation) -> None:
         text = HOTPOT_STUDENT.full_output(state.styles["student"], generation_text(gen))
-        act = parse_student_action(text)
+        act = (parse_student_action_strict if self.options.parsing == "strict" else parse_student_action)(text)
         error = act.error or generation_error(gen)
         state.student_act = act
         final = self._last_round(state)
@@ -301,7 +307,7 @@ class HotpotQAWorkflow(Workflow):
 
     def _on_teacher(self, state: HotpotState, call: PendingCall, gen: Generation) -> None:
         text = HOTPOT_TEACHER.full_output(state.styles["teacher"], generation_text(gen))
-        act = parse_teacher_action(text)
+        act = (parse_teacher_action_strict if self.options.parsing == "strict" else parse_teacher_action)(text)
         state.teacher_act = act
         self._record(state, call, gen, text, action=act.action or None, parse_error=act.error or generation_error(gen))
         if act.verdict is None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,7 +30,7 @@ from haps.workflows.base import (
     generation_text,
     register_workflow,
 )
-from haps.workflows.parsing import parse_choice, parse_review
+from haps.workflows.parsing import parse_choice, parse_choice_strict, parse_review, parse_review_strict
 from haps.workflows.prompts import FIRST_ROUND, MMLU_STUDENT, MMLU_TEACHER
 
 LETTERS = "ABCD"
@@ -42,6 +42,9 @@ class MMLUOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rounds: int = Field(default=3, ge=1, description="K: at most this many Student/Teacher rounds (paper: 3).")
+    parsing: Literal["lenient", "strict"] = Field(
+        default="lenient", description="How the agents' replies are read: 'lenient' (\"The answer is C\", an "
+        "option's text, yes/no; `haps.workflows.parsing`) or 'strict' (exactly 'Choice: A-D' and 'Submit: 0|1').")
 
 
 def format_question(problem) -> str:
@@ -118,7 +121,8 @@ class MMLUWorkflow(Workflow):
         call = self._take(state, role)
         if state.phase == "student":
             text = MMLU_STUDENT.full_output(state.styles["student"], generation_text(generation))
-            sol = parse_choice(text, list(state.problem.choices or []))
+            parse = parse_choice_strict if self.options.parsing == "strict" else parse_choice
+            sol = parse(text, list(state.problem.choices or []))
             self._record(state, call, generation, text, action=f"Choice: {sol.choice}" if sol.choice else None,
                          parse_error=sol.error or generation_error(generation))
             if sol.choice is not None:
@@ -131,7 +135,7 @@ class MMLUWorkflow(Workflow):
                 state.styles["teacher"], values, tag=f"{state.problem.id}/teacher"))]
         else:
             text = MMLU_TEACHER.full_output(state.styles["teacher"], generation_text(generation))
-            rev = parse_review(text)
+            rev = (parse_review_strict if self.options.parsing == "strict" else parse_review)(text)
             self._record(state, call, generation, text,
                          action=None if rev.submit is None else f"Submit: {int(rev.submit)}",
                          parse_error=rev.error or generation_error(generation))

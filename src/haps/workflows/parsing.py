@@ -22,6 +22,11 @@ dropped; "Action: finish the answer is X" gives Finish[X]; when no ``Action:`` l
 explicit ``Search[...]`` / ``Finish[...]`` anywhere in the text is taken. When a model writes several
 ``Action:`` lines (it hallucinated further rounds), the first one that parses wins.
 
+Strict parsing (workflow option ``parsing: strict``, the ``paper`` profile): `parse_student_action_strict`,
+`parse_teacher_action_strict`, `parse_choice_strict` and `parse_review_strict` accept only the exact
+format the prompts ask for, as the authors' HotpotQA code does (see the section at the end); anything
+else is a parse failure, with the consequences listed above.
+
 Never invent, always finish: every answer a parser returns is a piece of the output (after `clean`,
 with whitespace runs collapsed; a yes/no answer lower-cased) or a choice letter A-D, and every parser
 runs in time linear in the output (up to the length of the MMLU options), so a 1 MB reply costs
@@ -473,3 +478,110 @@ def parse_short_answer(text: object) -> str:
     if y and (len(t) == len(y.group(1)) or not t[len(y.group(1))].isalnum()):
         return y.group(1).lower()
     return t
+
+
+# ------------------------------------------------------------------------ strict parsing (paper profile)
+# The official HotpotQA code (zihangtian/HAPS, HotpotQA/agent.py) reads an agent's reply with
+#     thought = re.search(r"\bThought:\s*(.*?)(?=\n\s*Action:|\Z)", s, re.DOTALL | re.IGNORECASE)
+#     action  = re.search(r"\bAction:\s*(.*)", s, re.DOTALL | re.IGNORECASE)   # both required
+# cuts the action after its first "]", and takes action[:6] == "Search" / "Finish" with the argument
+# action[7:-1]. The strict parsers below accept exactly that format and nothing else: no markdown removal,
+# no other spellings, brackets required (where the official slice would cut the last character off an
+# unbracketed argument, they refuse the action). Same linear-time rule as above: the thought's end is found
+# from the "Action:" labels, each scanning only the whitespace run before it.
+_STRICT_LABELS = {name: re.compile(rf"\b{name}:", re.IGNORECASE)
+                  for name in ("thought", "action", "rationale", "choice", "feedback", "submit")}
+
+
+def _strict_pair(text: str, first: str, second: str) -> tuple[str, str] | None:
+    """(body of the first ``first:`` up to a line starting with ``second:`` or the end, body of the first
+    ``second:`` to the end), both stripped; None when either label is missing (the official `_tNaparse`)."""
+    m1, m2 = _STRICT_LABELS[first].search(text), _STRICT_LABELS[second].search(text)
+    if m1 is None or m2 is None:
+        return None
+    start = m1.end()
+    while start < len(text) and text[start].isspace():
+        start += 1
+    end = len(text)
+    for m in _STRICT_LABELS[second].finditer(text, start):
+        k = m.start()
+        first_nl = None
+        while k > start and text[k - 1].isspace():  # the whitespace run before the label
+            k -= 1
+            if text[k] == "\n":
+                first_nl = k
+        if first_nl is not None:
+            end = first_nl
+            break
+    return text[start:end].strip(), text[m2.end():].strip()
+
+
+def _strict_text(text: object) -> str:
+    return ("" if text is None else str(text)).strip()
+
+
+def parse_student_action_strict(text: object) -> StudentAction:
+    """The official HotpotQA Student format only: ``Thought: ...`` then ``Action: Search[X]`` or
+    ``Action: Finish[X]`` (verbs as written, brackets required); never raises."""
+    t = _strict_text(text)
+    pair = _strict_pair(t, "thought", "action")
+    if pair is None:
+        return StudentAction(t, None, "", "empty output" if not t else "no 'Thought:' and 'Action:' (strict)", "")
+    thought, action = pair
+    close = action.find("]")
+    if close != -1:
+        action = action[:close + 1]
+    for verb, kind in (("Search[", "search"), ("Finish[", "finish")):
+        if action.startswith(verb) and action.endswith("]"):
+            return StudentAction(thought, kind, action[len(verb):-1].strip(), None, action)  # type: ignore[arg-type]
+    return StudentAction(thought, None, "", f"action not in the official format: {action[:80]!r}", action)
+
+
+def parse_teacher_action_strict(text: object) -> TeacherAction:
+    """The official HotpotQA Teacher format only: ``Thought: ...`` then ``Action: [Continue]`` or
+    ``Action: [Rethink]``; never raises."""
+    t = _strict_text(text)
+    pair = _strict_pair(t, "thought", "action")
+    if pair is None:
+        return TeacherAction(t, None, "empty output" if not t else "no 'Thought:' and 'Action:' (strict)")
+    thought, action = pair
+    close = action.find("]")
+    action = action[:close + 1] if close != -1 else action
+    verdict = {"[Continue]": "continue", "[Rethink]": "rethink"}.get(action)
+    if verdict is None:
+        return TeacherAction(thought, None, f"action not in the official format: {action[:80]!r}")
+    return TeacherAction(thought, verdict, None)  # type: ignore[arg-type]
+
+
+_STRICT_LETTER = re.compile(r"\s*([ABCD])(?![A-Za-z0-9])")
+_STRICT_SUBMIT = re.compile(r"\s*([01])(?![A-Za-z0-9])")
+
+
+def _strict_lead(t: str, label: str, until: re.Match[str]) -> str:
+    """The body of the first ``label:`` before ``until`` (a later label), stripped; "" when there is none."""
+    m = _STRICT_LABELS[label].search(t, 0, until.start())
+    return t[m.end():until.start()].strip() if m else ""
+
+
+def parse_choice_strict(text: object, choices: list[str] | None = None) -> StudentChoice:
+    """MMLU Student in the prompt's format only: the first ``Choice:`` label followed by a capital A-D (the
+    rationale: the ``Rationale:`` body before it); never raises. (The authors released no MMLU code; this is
+    the format the prompt asks for.)"""
+    t = _strict_text(text)
+    m = _STRICT_LABELS["choice"].search(t)
+    letter = _STRICT_LETTER.match(t, m.end()) if m else None
+    if m is None or letter is None:
+        err = "empty output" if not t else "no 'Choice: A-D' (strict)"
+        return StudentChoice(t, None, err)
+    return StudentChoice(_strict_lead(t, "rationale", m), letter.group(1))
+
+
+def parse_review_strict(text: object) -> TeacherReview:
+    """MMLU Teacher in the prompt's format only: the first ``Submit:`` label followed by 0 or 1 (the feedback:
+    the ``Feedback:`` body before it); never raises."""
+    t = _strict_text(text)
+    m = _STRICT_LABELS["submit"].search(t)
+    flag = _STRICT_SUBMIT.match(t, m.end()) if m else None
+    if m is None or flag is None:
+        return TeacherReview(t, None, "empty output" if not t else "no 'Submit: 0|1' (strict)")
+    return TeacherReview(_strict_lead(t, "feedback", m), flag.group(1) == "1")
