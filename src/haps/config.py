@@ -110,6 +110,13 @@ class PoolConfig(_Strict):
         default=None,
         description="Where converted weights are cached (default: $HAPS_CACHE or ~/.cache/haps).",
     )
+    composition_prices: dict[str, float] = Field(
+        default_factory=dict,
+        description="USD per 1M tokens (input and output alike) of a whole episode by its composition, the sorted "
+        "model names of its roles joined by '+' (e.g. gemma3-270m+smollm2-135m); when set, every token of an episode "
+        "is priced by its composition instead of by each model's price_in/price_out (paper Table 4: LL 0.2, mixed "
+        "0.5, QQ 0.8).",
+    )
 
     @field_validator("models")
     @classmethod
@@ -121,6 +128,33 @@ class PoolConfig(_Strict):
         if dup:
             raise ConfigError(f"pool model names must be unique; repeated: {dup}. Rename them.")
         return models
+
+    @model_validator(mode="after")
+    def _prices(self) -> PoolConfig:
+        names = set(self.names)
+        for key, price in self.composition_prices.items():
+            unknown = [m for m in key.split("+") if m not in names]
+            if unknown or price < 0:
+                raise ConfigError(f"composition_prices: {key!r}: " + (f"{unknown} not in the pool ({sorted(names)})"
+                                  if unknown else f"a price must be >= 0, got {price}") + "; key each composition by "
+                                  "its roles' model names, sorted and joined by '+'.")
+        return self
+
+    @staticmethod
+    def composition(models) -> str:
+        """The `composition_prices` key of an episode whose roles run ``models``."""
+        return "+".join(sorted(models))
+
+    def episode_price(self, models) -> float | None:
+        """USD per 1M tokens of an episode whose roles run ``models`` (None: priced per model, no
+        `composition_prices`); a composition the table lacks is a ConfigError."""
+        if not self.composition_prices:
+            return None
+        key = self.composition(models)
+        if key not in self.composition_prices:
+            raise ConfigError(f"composition_prices has no price for {key!r}; add one for every composition of the "
+                              f"pool's models (it has {sorted(self.composition_prices)}).")
+        return float(self.composition_prices[key])
 
     def get(self, name: str) -> ModelSpec:
         for m in self.models:

@@ -99,8 +99,16 @@ class RunStats:
         return self.tokens_out / self.wall_s if self.wall_s > 0 else 0.0
 
 
+def _episode_price(pool, job: EpisodeJob) -> float | None:
+    """USD per 1M tokens of the job's whole episode when the pool prices by composition, else None."""
+    cfg = getattr(pool, "config", None)
+    return cfg.episode_price(job.assignment.values()) if getattr(cfg, "composition_prices", None) else None
+
+
 def _check_jobs(pool, workflow: Workflow, jobs: Sequence[EpisodeJob]) -> None:
     names = set(pool.names)
+    for job in jobs:
+        _episode_price(pool, job)  # a composition without a price: an error before any call
     for n, job in enumerate(jobs):
         missing = [r for r in workflow.roles if r not in job.assignment]
         if missing:
@@ -193,7 +201,7 @@ def run_episodes(pool, workflow: Workflow, jobs: Sequence[EpisodeJob], *,
                         stats.tokens_out += gen.completion_tokens
                 for i in [i for i, s in live.items() if i in failures or workflow.done(s) or not workflow.pending(s)]:
                     state = live.pop(i)
-                    res = _result(workflow, jobs[i], state, failures.pop(i, None))
+                    res = _result(workflow, jobs[i], state, failures.pop(i, None), _episode_price(pool, jobs[i]))
                     results[i] = res
                     if log is not None:
                         log.write(res.to_dict())
@@ -261,9 +269,14 @@ def _norm(adapter: RowAdapter, pool) -> float:
     return adapter.update_norm(pool.config.lora.alpha)
 
 
-def _result(workflow: Workflow, job: EpisodeJob, state: EpisodeState, failure: Turn | None = None) -> EpisodeResult:
+def _result(workflow: Workflow, job: EpisodeJob, state: EpisodeState, failure: Turn | None = None,
+            price: float | None = None) -> EpisodeResult:
+    """The episode's result; ``price`` (USD per 1M tokens, a pool's `composition_prices`) reprices every turn."""
     problem = job.problem
     turns = state.turns
+    if price is not None:
+        for t in turns:
+            t.cost = (t.tokens_in + t.tokens_out) * price / 1e6
     spent = dict(tokens_in=sum(t.tokens_in for t in turns), tokens_out=sum(t.tokens_out for t in turns),
                  cost=sum(t.cost for t in turns))
     if failure is not None:  # no prediction, no score: a failure is never data
