@@ -30,29 +30,9 @@ from haps.models.lora import LoraSites, inject, lora_sites
 from haps.models.padding import left_pad
 from haps.models.picking import token_logprobs
 from haps.models.sources import resolve
-from haps.models.types import Generation, GenRequest, RowAdapter
-
-# A plain template for models that ship none (base models): role-tagged turns, then the assistant tag.
-PLAIN_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
-    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
-    "{% else %}Assistant: {{ m['content'] }}\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-
-
-@dataclass
-class ModelInfo:
-    name: str
-    model_type: str
-    layers: int
-    hidden_size: int
-    vocab_size: int
-    params: int
-    o_proj_in: int
-    o_proj_out: int
-    context_window: int
+from haps.models.substack import hidden_from_states
+from haps.models.templates import PLAIN_CHAT_TEMPLATE
+from haps.models.types import Generation, GenRequest, ModelInfo, RowAdapter
 
 
 @dataclass
@@ -317,17 +297,6 @@ class LocalModel:
             self.totals["batches"] = self.totals.get("batches", 0) + 1
 
     # ------------------------------------------------------------------ scoring (teacher forcing)
-    def _hidden_from_states(self, prompt_ids, completion_ids, states, layer, batch, target):
-        """(final-normed hidden (b, S, d) over the kept positions, S, 0): the adapted layers from the states."""
-        from haps.models.substack import forward_from
-
-        if layer is None:
-            raise ConfigError("score: states given without the layer they enter (states_layer).")
-        if target is not None and layer > min(self.lora_sites(target).layers):
-            raise ConfigError(f"score: the states enter layer {layer}, after the first adapted layer "
-                              f"{min(self.lora_sites(target).layers)}: they would miss adapters; re-score without them.")
-        h, valid = _states_batch(states, [len(p) + len(c) - 1 for p, c in zip(prompt_ids, completion_ids, strict=True)])
-        return forward_from(self.model, layer, h.to(self.device), valid.to(self.device), batch), h.shape[1], 0
     def score(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
               adapters: Sequence[RowAdapter | None] | None = None, target: LoraTarget | None = None,
               chunk_bytes: int = 128 * 2**20, temperature: float = 1.0, top_p: float = 1.0,
@@ -354,7 +323,9 @@ class LocalModel:
                               f"got {temperature}.")
         batch = self.adapter_batch(list(adapters) if adapters is not None else [None] * len(prompt_ids), target)
         if states is not None:
-            hidden, L, shift = self._hidden_from_states(prompt_ids, completion_ids, states, states_layer, batch, target)
+            first = None if target is None else min(self.lora_sites(target).layers)
+            hidden = hidden_from_states(self.model, prompt_ids, completion_ids, states, states_layer, first, batch)
+            L, shift = hidden.shape[1], 0
         else:
             seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
             ids, mask = left_pad(seqs, self.tokenizer.pad_token_id, self.device)
@@ -377,23 +348,6 @@ class LocalModel:
                                   top_p, chunk_bytes)  # (N,)
         out = hidden.new_zeros(len(prompt_ids))
         return out.index_add(0, torch.tensor(rows, device=h.device), token_lp)
-
-
-def _states_batch(states: Sequence[torch.Tensor], expect: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kept states (n_i, d) left-padded into (b, S, d) with a validity mask (b, S)."""
-    from haps.errors import ShapeError
-
-    for i, (st, n) in enumerate(zip(states, expect, strict=True)):
-        if st.shape[0] != n:
-            raise ShapeError(f"score: row {i} has states for {st.shape[0]} positions but its prompt and completion "
-                             f"need {n} (prompt + completion - 1): pass the states its generation kept.")
-    S = max(expect)
-    h = states[0].new_zeros((len(states), S, states[0].shape[1]))
-    valid = torch.zeros((len(states), S), dtype=torch.bool, device=h.device)
-    for i, st in enumerate(states):
-        h[i, S - st.shape[0]:] = st
-        valid[i, S - st.shape[0]:] = True
-    return h, valid
 
 
 def _kept_states(req: GenRequest, row: _Row, layer: int | None) -> dict:

@@ -17,6 +17,7 @@ positions back), exactly what the full forward applies; `LocalModel.score` with 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -61,3 +62,36 @@ def forward_from(model: nn.Module, first: int, states: torch.Tensor, valid: torc
             if isinstance(h, tuple):  # older transformers return (hidden_states, ...)
                 h = h[0]
     return decoder.norm(h)
+
+
+def states_batch(states: Sequence[torch.Tensor], expect: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept states (n_i, d) left-padded into (b, S, d) with a validity mask (b, S)."""
+    from haps.errors import ShapeError
+
+    for i, (st, n) in enumerate(zip(states, expect, strict=True)):
+        if st.shape[0] != n:
+            raise ShapeError(f"score: row {i} has states for {st.shape[0]} positions but its prompt and completion "
+                             f"need {n} (prompt + completion - 1): pass the states its generation kept.")
+    S = max(expect)
+    h = states[0].new_zeros((len(states), S, states[0].shape[1]))
+    valid = torch.zeros((len(states), S), dtype=torch.bool, device=h.device)
+    for i, st in enumerate(states):
+        h[i, S - st.shape[0]:] = st
+        valid[i, S - st.shape[0]:] = True
+    return h, valid
+
+
+def hidden_from_states(model: nn.Module, prompt_ids, completion_ids, states, layer: int | None, first_adapted: int | None,
+                       adapters: AdapterBatch | None) -> torch.Tensor:
+    """`LocalModel.score`'s hidden states from kept states: (b, S, d) final-normed over each row's kept positions
+    (prompt + completion - 1), left-padded. The states must enter a layer at or before the first adapted one."""
+    from haps.errors import ConfigError
+
+    if layer is None:
+        raise ConfigError("score: states given without the layer they enter (states_layer).")
+    if first_adapted is not None and layer > first_adapted:
+        raise ConfigError(f"score: the states enter layer {layer}, after the first adapted layer {first_adapted}: "
+                          "they would miss adapters; re-score without them.")
+    h, valid = states_batch(states, [len(p) + len(c) - 1 for p, c in zip(prompt_ids, completion_ids, strict=True)])
+    device = next(model.parameters()).device
+    return forward_from(model, layer, h.to(device), valid.to(device), adapters)

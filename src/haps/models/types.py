@@ -93,3 +93,18 @@ class Generation:
     # keep_states: (prompt + completion - 1, d) hidden states entering layer `states_layer` (in memory only)
     states: torch.Tensor | None = field(default=None, repr=False)
     states_layer: int | None = None
+
+
+@dataclass
+class ModelInfo:
+    """What `haps models` shows of a local model."""
+
+    name: str
+    model_type: str
+    layers: int
+    hidden_size: int
+    vocab_size: int
+    params: int
+    o_proj_in: int
+    o_proj_out: int
+    context_window: int

@@ -43,6 +43,7 @@ from haps.routing.prompt import RoutingPrompt, parse_assignment_json
 from haps.routing.space import Assignment, AssignmentSpace
 
 CHECKPOINT_FORMAT = "haps-high-level-router/1"
+PROMPT_CACHE_SIZE = 4096  # token ids of this many routing prompts are kept (oldest dropped first)
 
 
 class RouterLoraConfig(BaseModel):
@@ -177,7 +178,7 @@ class HighLevelRouter(Router):
         super().__init__(space, max_enumerate=config.max_enumerate, seed=config.seed)
         self.config = config
         if not getattr(tokenizer, "chat_template", None):  # base models: plain role-tagged turns
-            from haps.models.local import PLAIN_CHAT_TEMPLATE
+            from haps.models.templates import PLAIN_CHAT_TEMPLATE
 
             tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
         self.tokenizer = tokenizer
@@ -237,6 +238,8 @@ class HighLevelRouter(Router):
         if key not in self._prompt_cache:
             out = self.tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=True)
             ids = out["input_ids"] if hasattr(out, "keys") else out
+            if len(self._prompt_cache) >= PROMPT_CACHE_SIZE:  # bounded: a server sees endless distinct prompts
+                self._prompt_cache.pop(next(iter(self._prompt_cache)))
             self._prompt_cache[key] = [int(t) for t in ids]
         return self._prompt_cache[key]
 
