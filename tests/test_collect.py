@@ -198,3 +198,14 @@ def test_resume_after_sigkill_gives_identical_content(fake, tmp_path):
     assert len(keys) == len(set(keys)) == 4 * n
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["runs"]) == 3
+
+
+def test_a_manifest_without_a_newer_field_resumes_as_its_default(fake, tmp_path):
+    fake.run(tmp_path / "a", 2)
+    p = tmp_path / "a" / "manifest.json"
+    m = json.loads(p.read_text())
+    del m["config"]["stratify"]  # written before the field existed
+    p.write_text(json.dumps(m))
+    assert fake.run(tmp_path / "a", 2).done_before == 8
+    with pytest.raises(ConfigError, match="stratify: recorded True, now False"):
+        fake.run(tmp_path / "a", 2, stratify=False)

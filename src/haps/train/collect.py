@@ -76,6 +76,9 @@ class CollectConfig(BaseModel):
     split_fractions: tuple[float, float, float] = Field(default=(0.6, 0.2, 0.2), description="train/valid/test "
                                                         "fractions recorded with each action (split by id).")
     split_seed: int = Field(default=0, description="Seed of the train/valid/test split.")
+    stratify: bool = Field(default=True, description="Split each group of the workflow's stratify_by (MMLU: "
+                           "subject) on its own, as the paper does; false: one split over all problems (small sets "
+                           "whose groups hold one problem each would put every problem in train).")
     reward_kind: Literal["score", "shaped"] = Field(default="score", description="Reward recorded at collection: "
                                                    "score | shaped (tradeoff rewards need a cost normaliser and "
                                                    "are recomputed downstream, e.g. haps eval-lookup --reward-kind).")
@@ -113,6 +116,7 @@ RESULT_FIELDS: dict[str, str] = {
     "seed": "the sampled assignments and the agents' sampling",
     "split_fractions": "the split recorded with every action",
     "split_seed": "the split recorded with every action",
+    "stratify": "the split recorded with every action",
     "reward_kind": "the reward recorded with every action",
 }
 #: CollectConfig fields that change how a run goes, not what it records (free to change on resume).
@@ -127,6 +131,8 @@ POOL_RUN_FIELDS: dict[str, str] = {
     "timeout_s": "API client timeout",
     "max_retries": "API client retries",
     "max_concurrency": "API requests in flight",
+    "base_url": "where an API endpoint listens (the model it serves is `source`; e.g. `haps experiment` starts "
+                "its closed model's server on a free port each run)",
 }
 
 
@@ -226,7 +232,10 @@ def _pool_dump(pool) -> Any:
 def _result_view(section: str, value: Any) -> Any:
     """The part of a manifest section that changes results (see RESULT_FIELDS and POOL_RUN_FIELDS)."""
     if section == "config" and isinstance(value, dict):
-        return {k: v for k, v in value.items() if k in RESULT_FIELDS}
+        # a field added since the manifest was written counts as its default (what that run did)
+        defaults = {k: f.get_default(call_default_factory=True) for k, f in CollectConfig.model_fields.items()
+                    if k in RESULT_FIELDS and not f.is_required()}
+        return {**defaults, **{k: v for k, v in value.items() if k in RESULT_FIELDS}}
     if section == "pool" and isinstance(value, dict):
         out = {k: v for k, v in value.items() if k not in POOL_RUN_FIELDS}
         if isinstance(out.get("models"), list):
@@ -324,7 +333,7 @@ def collect(cfg: CollectConfig, out: str | Path, *, problems: Sequence | None = 
     from haps.metrics import RewardConfig
 
     reward_cfg = RewardConfig(kind=cfg.reward_kind)
-    split_of = plan_splits(problems, cfg, workflow.stratify_by, require_all=require_splits)
+    split_of = plan_splits(problems, cfg, workflow.stratify_by if cfg.stratify else None, require_all=require_splits)
 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
