@@ -5,8 +5,8 @@ Results layout (each folder is one ``haps eval --out``)::
     RESULTS/<task>/<setting>/summary.json                 main run of a task on a pool / setting
     RESULTS/<task>/<setting>/tradeoff-<a>-<b>/summary.json  haps eval --reward tradeoff --alpha a --beta b
     RESULTS/<task>/<setting>/no-sharing/summary.json      HAPS w/o parameter sharing, evaluated as method haps
-    RESULTS/<task>/<setting>/no-lora/summary.json         HAPS w/o the low-level router, as method haps
-                                                          (or method haps-no-lora in the main run)
+    RESULTS/<task>/<setting>/no-lora/summary.json         HAPS w/o the low-level router, as method haps or
+                                                          haps-no-lora (or method haps-no-lora in the main run)
     RESULTS/<task>/<setting>/depth-<k>/summary.json       HAPS with LoRA on the last k layers, as method haps
 
 ``<task>`` is the workflow (hotpotqa, mmlu, ...), ``<setting>`` any name of the pool (e.g. tiny, L-Q,

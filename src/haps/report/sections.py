@@ -138,7 +138,7 @@ def ablation_table(doc: Document, runs: Sequence[Run], by_key) -> bool:
     rows += statics
     groups[len(rows)] = "Low-level router ablation"
     rows.append(("w/o Low-Level Router", lambda run: run.methods.get("haps-no-lora")
-                 or _variant(by_key, "no-lora")(run)))
+                 or _variant(by_key, "no-lora")(run) or _variant(by_key, "no-lora", "haps-no-lora")(run)))
     rows.append(("w/o Parameter Sharing", _variant(by_key, "no-sharing")))
     rows.append(("HAPS", _method("haps")))
     groups = {k: v for k, v in groups.items() if v}
