@@ -70,6 +70,10 @@ class ServerThread:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("test server did not start")
             time.sleep(0.01)
+        while httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=10).status_code != 200:  # models loaded
+            if time.monotonic() > deadline:
+                raise RuntimeError("test server did not become ready")
+            time.sleep(0.01)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -252,13 +256,14 @@ def test_finish_reason_mapping():
     assert map_finish_reason("content_filter") == "stop"
 
 
-def test_create_app_serves_only_local_models_of_a_pool():
+def test_create_app_serves_every_model_of_a_pool_and_loads_nothing():
     local = ModelSpec(name="loc", backend="local", source_kind="folder", source="/nonexistent")
     closed = ModelSpec(name="api", backend="api", open_weights=False, base_url="http://127.0.0.1:1/v1")
     app = create_app(ModelPool(PoolConfig(models=[local, closed])))  # nothing is loaded yet
-    assert app.state.served.names == ["loc"]
+    assert app.state.served.names == ["loc", "api"]
+    assert app.state.service.served_models()[:1] == ["haps"] and app.state.service.status == "loading"
     with pytest.raises(ConfigError, match="nothing to serve"):
-        create_app(ModelPool(PoolConfig(models=[closed])))
+        create_app(backends={})
 
 
 # ---------------------------------------------------------------------- the error body
@@ -283,7 +288,8 @@ def test_error_bodies(server):
     assert e["code"] == "model_not_found" and "tiny-llama" in e["message"] and e["type"] == "invalid_request_error"
     e = _error(_post(server, {"model": "tiny-llama", "messages": MSG, "n": 2}), 400, "n")
     assert "n=1" in e["message"]
-    _error(_post(server, {"model": "tiny-llama", "messages": MSG, "stream": True}), 400, "stream")
+    _error(_post(server, {"model": "tiny-llama", "messages": MSG, "stream_options": {"include_usage": True}}), 400,
+           "stream_options")
     e = _error(_post(server, {"model": "tiny-llama", "messages": MSG, "top_p": 0}), 400, "top_p")
     assert "got 0" in e["message"]
     _error(_post(server, {"model": "tiny-llama"}), 400, "messages")
@@ -320,7 +326,7 @@ def test_models_and_response_shape(server, tiny_llama):
 def test_real_smollm2_through_server(real_pool):
     reqs = [chat("What is the capital of France?", 8), chat("Say hello.", 6)]
     local = real_pool.generate("smollm2-135m", reqs)
-    with ServerThread(create_app(real_pool)) as s:
+    with ServerThread(create_app(real_pool, router=False)) as s:
         got = api_model(s.base_url, source="smollm2-135m").generate(reqs)
     assert [g.text for g in got] == [g.text for g in local]
     assert [(g.prompt_tokens, g.completion_tokens) for g in got] == [

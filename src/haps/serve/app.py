@@ -1,335 +1,348 @@
-"""OpenAI-compatible server over the pool's local models (`haps serve`; the API backend's tests).
+"""The FastAPI app of `haps serve`: routes, the gate in front of them, loading and shutdown.
 
-Endpoints: ``POST /v1/chat/completions`` (one choice, no streaming) and ``GET /v1/models``.
+Routes:
 
-Requests that arrive together are batched: a per-model micro-batcher takes the first waiting
-request, waits ``batch_window_ms`` for companions, then runs everything queued (up to
-``max_batch_size``, split by seed) as one ``generate`` call in a worker thread. Calls to one model
-run one at a time; requests that arrive meanwhile form the next batch.
+- ``POST /v1/chat/completions`` (OpenAI schema; ``model``: ``haps``, ``haps/<workflow>`` or a pool model;
+  ``stream: true`` for server-sent events; a ``haps`` object in every answer; optional ``max_cost``)
+- ``POST /v1/route``: the assignment, P(z|p) and adapter norms of a problem, nothing generated
+- ``GET /v1/models`` (503 until loaded), ``GET /health`` (200 once loaded, 503 before; carries the
+  untrained-router warning),
+  ``GET /metrics`` (Prometheus text)
 
-Semantics, per model::
+The gate (`Gate`, pure ASGI, in front of everything) checks, before a byte of the body is read: the
+bearer token (``api_key``; constant-time comparison; every route but /health), then the body size
+(``Content-Length``, and the bytes actually received). It also counts every request by route and status
+and times it (`haps.serve.metrics`).
 
-    loop:
-        batch = [await queue.get()]; sleep(window)
-        batch += queue.drain(max_batch_size - 1)
-        for seed, rows in group_by_seed(batch):
-            gens = await in_thread(backend.generate(rows, seed=seed))
-            answer each waiting request with its row
-
-Errors have one body, ``{"error": {"message", "type", "param", "code"}}``, and one status mapping
-(`error_status`): bad input 400, unknown route 404, anything else 500. All state lives on
-``app.state``.
+Loading runs after the server listens: ``/health`` answers 503 ``loading`` until every model and the
+router are loaded, then 200 (or 503 ``failed`` with the error). Shutdown is graceful: uvicorn stops
+accepting, waits for the requests in flight (their rows stay in the lanes, which keep running until
+then), and only then the lanes close. All state lives on ``app.state``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
-import uuid
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from haps.errors import ConfigError, DataError, HapsError, ShapeError
-from haps.models.pool import Backend, ModelPool
-from haps.models.types import Generation, GenRequest
-from haps.serve_schemas import (
-    AssistantMessage,
+from haps.errors import HapsError
+from haps.serve.errors import (
+    ClientDisconnected,
+    PayloadTooLarge,
+    Redactor,
+    Unauthorized,
+    error_body,
+    error_response,
+    install_log_redaction,
+)
+from haps.serve.metrics import CONTENT_TYPE, ServeMetrics
+from haps.serve.schemas import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    Choice,
-    ErrorInfo,
     ErrorResponse,
+    Health,
     ModelCard,
     ModelList,
-    Usage,
+    RouteRequest,
+    RouteResponse,
 )
+from haps.serve.service import Service
+from haps.serve.settings import ServeSettings
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("haps.serve")
 
-
-class InvalidRequest(HapsError):
-    """The request is well-formed JSON but asks for something this server does not do (400)."""
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-        self.code = code
+OPEN_PATHS = frozenset({"/health"})  # answered without the bearer token (load balancers' probes)
+KNOWN_PATHS = frozenset({"/v1/chat/completions", "/v1/route", "/v1/models", "/health", "/metrics", "/openapi.json",
+                         "/docs", "/docs/oauth2-redirect", "/redoc"})
+DISCONNECT_POLL_S = 0.05
 
 
-class GenerationError(HapsError):
-    """The backend failed while generating (500)."""
+class Gate:
+    """ASGI middleware: bearer token, body size limit, request metrics (see the module docstring)."""
+
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, metrics: ServeMetrics,
+                 redact: Redactor) -> None:
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+        self.redact = redact
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        route = path if path in KNOWN_PATHS else "other"
+        status = {"code": 500}
+        started = {"yes": False}
+        t0 = time.perf_counter()
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                started["yes"] = True
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            problem = self._refuse(scope, path)
+            if problem is not None:
+                await self._answer(problem, scope, sending)
+                return
+            await self._limited(scope, receive, sending)
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(route, str(status["code"])).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+
+    def _refuse(self, scope, path: str) -> HapsError | None:
+        headers = dict(scope.get("headers") or [])
+        if self.api_key is not None and path not in OPEN_PATHS:
+            auth = headers.get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if not auth:
+                self.metrics.rejected.labels("auth").inc()
+                return Unauthorized("missing bearer token: send the header 'Authorization: Bearer <key>' (the key is "
+                                    "the value of the environment variable named by the server's --api-key-env).")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+                self.metrics.rejected.labels("auth").inc()
+                return Unauthorized("invalid bearer token: send 'Authorization: Bearer <key>' with the server's key.")
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                return PayloadTooLarge("the Content-Length header is not a number; send a valid request.",
+                                       param=None)
+            if n > self.max_body_bytes:
+                return self._too_large(n)
+        return None
+
+    def _too_large(self, n: int | None) -> PayloadTooLarge:
+        self.metrics.rejected.labels("body").inc()
+        got = f"{n} bytes" if n is not None else "more bytes than that"
+        return PayloadTooLarge(f"the request body has {got}, above this server's limit of {self.max_body_bytes} "
+                               "bytes (--max-body-bytes); send a shorter request.", param=None,
+                               code="request_too_large")
+
+    async def _answer(self, exc: BaseException, scope, send) -> None:
+        response = error_response(exc, self.redact)
+        await response(scope, _no_receive, send)
+
+    async def _limited(self, scope, receive, send) -> None:
+        """Run the app, counting the body bytes it receives; past the limit the body stops there and the
+        answer is a 413 (whatever the app would have said)."""
+        seen = {"n": 0, "over": False}
+
+        async def receiving():
+            if seen["over"]:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen["n"] += len(message.get("body", b""))
+                if seen["n"] > self.max_body_bytes:
+                    seen["over"] = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
+            return message
+
+        answered = {"yes": False}
+
+        async def sending(message) -> None:
+            if seen["over"]:
+                if not answered["yes"]:
+                    answered["yes"] = True
+                    await self._answer(self._too_large(None), scope, send)
+                return
+            await send(message)
+
+        await self.app(scope, receiving, sending)
+        if seen["over"] and not answered["yes"]:
+            await self._answer(self._too_large(None), scope, send)
 
 
-# exception -> (HTTP status, OpenAI error type); first match wins
-_STATUS: list[tuple[type[BaseException], int, str]] = [
-    (InvalidRequest, 400, "invalid_request_error"),
-    (RequestValidationError, 400, "invalid_request_error"),
-    (ConfigError, 400, "invalid_request_error"),
-    (ShapeError, 400, "invalid_request_error"),
-    (DataError, 400, "invalid_request_error"),
-    (Exception, 500, "internal_server_error"),
-]
+async def _no_receive():  # pragma: no cover - error responses never read the body
+    return {"type": "http.disconnect"}
 
 
-def error_status(exc: BaseException) -> tuple[int, str]:
-    """The HTTP status and OpenAI error type of an exception."""
-    if isinstance(exc, StarletteHTTPException):
-        return exc.status_code, "invalid_request_error" if exc.status_code < 500 else "internal_server_error"
-    for cls, status, kind in _STATUS:
-        if isinstance(exc, cls):
-            return status, kind
-    return 500, "internal_server_error"
+def create_app(pool=None, *, backends: Mapping[str, Any] | None = None, router=None,
+               settings: ServeSettings | None = None, api_key: str | None = None, secrets: tuple[str, ...] = (),
+               on_load_error: Callable[[BaseException], None] | None = None, **overrides: Any) -> FastAPI:
+    """The server app over ``pool`` (every model: local ones batched, closed ones per call) and/or ``backends``
+    (name -> backend, served by name only).
 
-
-def error_response(exc: BaseException) -> JSONResponse:
-    status, kind = error_status(exc)
-    param = code = None
-    if isinstance(exc, InvalidRequest):
-        message, param, code = str(exc), exc.param, exc.code
-    elif isinstance(exc, RequestValidationError):
-        message, param = _validation_message(exc)
-    elif isinstance(exc, StarletteHTTPException):
-        message = str(exc.detail)
-    else:
-        message = str(exc) or type(exc).__name__
-    body = ErrorResponse(error=ErrorInfo(message=message, type=kind, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status)
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
-    if not errors:
-        return "invalid request body", None
-    first = errors[0]
-    if first.get("type") == "json_invalid":
-        ctx = first.get("ctx", {}).get("error", "")
-        return f"request body is not valid JSON ({ctx}); send a JSON object.", None
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    msg = first.get("msg", "invalid value")
-    if param and "input" in first and first.get("type") != "missing":
-        msg = f"{msg} (got {first['input']!r})"
-    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-    return (f"{param}: {msg}{more}" if param else f"{msg}{more}"), param
-
-
-# ---------------------------------------------------------------------- served models
-class ServedModels:
-    """Names -> backends: the pool's local models (loaded on first use) plus explicitly given backends."""
-
-    def __init__(self, pool: ModelPool | None = None, backends: Mapping[str, Backend] | None = None) -> None:
-        self._pool = pool
-        self._given = dict(backends or {})
-        local = [n for n in pool.names if pool.spec(n).backend == "local"] if pool is not None else []
-        self.names: list[str] = list(dict.fromkeys([*local, *self._given]))
-        if not self.names:
-            raise ConfigError("nothing to serve: give a pool with at least one local model, or backends={name: model}.")
-
-    def check(self, name: str) -> None:
-        if name not in self.names:
-            raise InvalidRequest(f"unknown model {name!r}; this server has: {self.names}.", param="model",
-                                 code="model_not_found")
-
-    def backend(self, name: str) -> Backend:
-        self.check(name)
-        if name in self._given:
-            return self._given[name]
-        assert self._pool is not None
-        return self._pool.backend(name)
-
-    def generate(self, name: str, requests: Sequence[GenRequest], seed: int | None) -> list[Generation]:
-        return self.backend(name).generate(requests, seed=seed)
-
-
-# ---------------------------------------------------------------------- micro-batcher
-@dataclass
-class _Item:
-    request: GenRequest
-    seed: int | None
-    future: asyncio.Future
-
-
-class MicroBatcher:
-    """Collects concurrent requests per model into one ``run(name, requests, seed)`` call in a thread."""
-
-    def __init__(self, run: Callable[[str, list[GenRequest], int | None], list[Generation]], *,
-                 executor: ThreadPoolExecutor, max_batch_size: int, window_s: float) -> None:
-        self._run = run
-        self._executor = executor
-        self.max_batch_size = max_batch_size
-        self.window_s = window_s
-        self._queues: dict[str, asyncio.Queue[_Item]] = {}
-        self._workers: dict[str, asyncio.Task] = {}
-        self.calls = 0  # generate calls made
-        self.rows = 0  # requests answered by them
-
-    async def submit(self, name: str, request: GenRequest, seed: int | None = None) -> Generation:
-        if name not in self._queues:
-            self._queues[name] = asyncio.Queue()
-            self._workers[name] = asyncio.create_task(self._worker(name), name=f"batcher-{name}")
-        fut = asyncio.get_running_loop().create_future()
-        self._queues[name].put_nowait(_Item(request, seed, fut))
-        return await fut
-
-    async def _worker(self, name: str) -> None:
-        q = self._queues[name]
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await q.get()]
-            if self.window_s > 0 and q.qsize() < self.max_batch_size - 1:
-                await asyncio.sleep(self.window_s)  # let companions arrive
-            while len(batch) < self.max_batch_size and not q.empty():
-                batch.append(q.get_nowait())
-            live = [it for it in batch if not it.future.done()]  # a client that went away
-            groups: dict[int | None, list[_Item]] = {}
-            for it in live:
-                groups.setdefault(it.seed, []).append(it)
-            for seed, items in groups.items():
-                try:
-                    gens = await loop.run_in_executor(self._executor, self._run, name,
-                                                      [it.request for it in items], seed)
-                    if len(gens) != len(items):
-                        raise GenerationError(f"model {name!r} returned {len(gens)} results for {len(items)} requests.")
-                except Exception as e:  # noqa: BLE001 - every waiting request gets the failure
-                    for it in items:
-                        if not it.future.done():
-                            it.future.set_exception(e)
-                    continue
-                self.calls += 1
-                self.rows += len(items)
-                for it, g in zip(items, gens, strict=True):
-                    if not it.future.done():
-                        it.future.set_result(g)
-
-    async def close(self) -> None:
-        for t in self._workers.values():
-            t.cancel()
-        await asyncio.gather(*self._workers.values(), return_exceptions=True)
-        for q in self._queues.values():
-            while not q.empty():
-                it = q.get_nowait()
-                if not it.future.done():
-                    it.future.set_exception(GenerationError("server is shutting down"))
-
-
-# ---------------------------------------------------------------------- app
-def create_app(pool: ModelPool | None = None, *, backends: Mapping[str, Backend] | None = None,
-               max_batch_size: int = 16, batch_window_ms: float = 5.0, default_max_tokens: int = 256,
-               max_tokens_limit: int = 4096) -> FastAPI:
-    """The server app over ``pool``'s local models and/or ``backends`` (name -> backend; wins on a clash).
-
-    ``max_batch_size``: most requests per generate call; ``batch_window_ms``: how long the first
-    request of a batch waits for companions; ``default_max_tokens``: when a request gives none;
-    ``max_tokens_limit``: the most a request may ask for.
+    ``router``: a `haps.api.HapsRouter`, a `HierarchicalRouter`, a checkpoint folder, None (an untrained
+    router: the backbone of `HighLevelRouterConfig` and fresh heads; a warning says so) or False (no
+    routing). ``settings`` / ``overrides``: `ServeSettings` fields. ``api_key``: the bearer token clients must
+    send (None: no auth). ``secrets``: more strings never to echo (the closed models' keys are added from the
+    environment). Nothing is loaded here: loading starts with the server (``/health`` says when it is done).
     """
-    if max_batch_size < 1:
-        raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}.")
-    if batch_window_ms < 0:
-        raise ConfigError(f"batch_window_ms must be >= 0, got {batch_window_ms}.")
-    if not 1 <= default_max_tokens <= max_tokens_limit:
-        raise ConfigError(f"need 1 <= default_max_tokens <= max_tokens_limit, got {default_max_tokens} and "
-                          f"{max_tokens_limit}.")
-    served = ServedModels(pool, backends)
+    import os
+
+    settings = ServeSettings.model_validate({**(settings.model_dump() if settings else {}), **overrides})
+    keys = [os.environ.get(m.api_key_env, "") for m in (pool.config.models if pool is not None else [])
+            if m.api_key_env]
+    redact = Redactor([*keys, *(secrets or ()), *([api_key] if api_key else [])])
+    metrics = ServeMetrics()
+    service = Service(pool, backends, router, settings, metrics=metrics, redact=redact)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        executor = ThreadPoolExecutor(max_workers=len(served.names), thread_name_prefix="haps-generate")
-        app.state.batcher = MicroBatcher(served.generate, executor=executor, max_batch_size=max_batch_size,
-                                         window_s=batch_window_ms / 1000)
+        install_log_redaction(redact)
+        await service.start()
+        loader = asyncio.create_task(_load(service, on_load_error))
+        app.state.loader = loader
         try:
             yield
         finally:
-            await app.state.batcher.close()
-            executor.shutdown(wait=False, cancel_futures=True)
+            if not loader.done():
+                loader.cancel()
+            await service.close()
 
-    app = FastAPI(title="haps", lifespan=lifespan)
-    app.state.served = served
-    app.state.created = int(time.time())
-    app.state.default_max_tokens = default_max_tokens
-    app.state.max_tokens_limit = max_tokens_limit
+    app = FastAPI(title="haps", version="1", lifespan=lifespan,
+                  description="OpenAI-compatible routing server: `haps` (routed, generated adapter), "
+                              "`haps/<workflow>` (a whole multi-agent workflow), or a pool model by name.")
+    app.state.service = service
+    app.state.served = service  # (names) for callers of the first version
+    app.state.metrics = metrics
+    app.state.settings = settings
+    app.state.redact = redact
 
     async def _handle(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(exc)
+        status, _ = error_body(exc)
+        if status >= 500 and status not in (502, 503):
+            log.error("%s %s failed: %s", request.method, request.url.path, redact(f"{type(exc).__name__}: {exc}"),
+                      exc_info=not isinstance(exc, HapsError))
+        return error_response(exc, redact)
 
     for cls in (RequestValidationError, StarletteHTTPException, HapsError, Exception):
         app.add_exception_handler(cls, _handle)
 
-    app.add_api_route("/v1/models", list_models, methods=["GET"], response_model=ModelList)
-    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"],
-                      response_model=ChatCompletionResponse, responses={400: {"model": ErrorResponse},
-                                                                        500: {"model": ErrorResponse}})
+    errors = {code: {"model": ErrorResponse} for code in (400, 401, 413, 499, 500, 502, 503)}
+    stream_doc = {"text/event-stream": {"schema": {"type": "string", "description": "data: <chunk JSON> events "
+                                                   "(" + ChatCompletionChunk.__name__ + "), then data: [DONE]"}}}
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], response_model=ChatCompletionResponse,
+                      responses={200: {"content": stream_doc}, **errors})
+    app.add_api_route("/v1/route", route, methods=["POST"], response_model=RouteResponse, responses=errors)
+    app.add_api_route("/v1/models", list_models, methods=["GET"], response_model=ModelList,
+                      responses={401: errors[401], 503: errors[503]})
+    app.add_api_route("/health", health, methods=["GET"], response_model=Health, responses={503: {"model": Health}})
+    app.add_api_route("/metrics", metrics_text, methods=["GET"], response_class=Response,
+                      responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, 401: errors[401]})
+    app.add_middleware(Gate, api_key=api_key, max_body_bytes=settings.max_body_bytes, metrics=metrics, redact=redact)
+    app.openapi = lambda: _openapi(app, service, settings)
     return app
 
 
-async def list_models(request: Request) -> ModelList:
-    st = request.app.state
-    return ModelList(data=[ModelCard(id=n, created=st.created) for n in st.served.names])
+def _openapi(app: FastAPI, service: Service, settings: ServeSettings) -> dict:
+    """FastAPI's schema plus what this server's settings fix: the served model names and workflows, the limits on
+    messages and max_tokens, and 400 (not 422) for invalid bodies."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    comps = schema.get("components", {}).get("schemas", {})
+    chat = comps.get("ChatCompletionRequest", {}).get("properties", {})
+    if "model" in chat:
+        chat["model"]["enum"] = service.served_models()
+    if "messages" in chat:
+        chat["messages"]["maxItems"] = settings.max_messages
+    for name in ("max_tokens", "max_completion_tokens"):
+        if name in chat:
+            chat[name]["maximum"] = settings.max_tokens_limit
+    route_props = comps.get("RouteRequest", {}).get("properties", {})
+    if "workflow" in route_props and service.workflows:
+        route_props["workflow"]["enum"] = [*service.workflows, None]
+    if "max_tokens" in route_props:
+        route_props["max_tokens"]["maximum"] = settings.max_tokens_limit
+    for path in schema.get("paths", {}).values():
+        for op in path.values():
+            op.get("responses", {}).pop("422", None)  # validation errors answer 400 in the one error body
+    comps.pop("HTTPValidationError", None)
+    comps.pop("ValidationError", None)
+    app.openapi_schema = schema
+    return schema
 
 
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletionResponse:
-    st = request.app.state
-    st.served.check(body.model)
-    gen_request = to_gen_request(body, st.default_max_tokens, st.max_tokens_limit)
+async def _load(service: Service, on_error: Callable[[BaseException], None] | None) -> None:
+    t0 = time.perf_counter()
     try:
-        gen = await st.batcher.submit(body.model, gen_request, body.seed)
-    except HapsError:
-        raise
-    except Exception as e:
-        log.exception("generation failed for model %r", body.model)
-        raise GenerationError(f"generation failed for model {body.model!r}: {type(e).__name__}: {e}") from e
-    if gen.finish_reason == "error":
-        raise GenerationError(f"generation failed for model {body.model!r}: {gen.error}")
-    stop_reason = None
-    if gen.finish_reason == "stop":
-        stop_reason = _matched_stop(st.served.backend(body.model), gen, gen_request.stop)
-    n_in, n_out = gen.prompt_tokens, gen.completion_tokens
-    return ChatCompletionResponse(
-        id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
-        choices=[Choice(index=0, message=AssistantMessage(content=gen.text),
-                        finish_reason="length" if gen.finish_reason == "length" else "stop",
-                        stop_reason=stop_reason)],
-        usage=Usage(prompt_tokens=n_in, completion_tokens=n_out, total_tokens=n_in + n_out),
-    )
+        await asyncio.to_thread(service.load)
+    except Exception as e:  # noqa: BLE001 - reported by /health and the log; the caller may stop the server
+        log.error("loading failed: %s", service.error)
+        if on_error is not None:
+            on_error(e)
+        return
+    log.info("ready in %.1f s: serving %s", time.perf_counter() - t0, service.served_models())
 
 
-def to_gen_request(body: ChatCompletionRequest, default_max_tokens: int, max_tokens_limit: int) -> GenRequest:
-    """Validate what the schema cannot and build the backend request."""
-    if body.model_extra:
-        log.warning("ignoring unsupported request fields: %s", sorted(body.model_extra))
-    if body.n != 1:
-        raise InvalidRequest(f"n={body.n} is not supported: this server returns one choice per request. Send n=1 "
-                             "(or omit it) and repeat the request for more samples.", param="n")
-    if body.stream:
-        raise InvalidRequest("stream=true is not supported by this server; send stream=false (or omit it).",
-                             param="stream")
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    if max_tokens is None:
-        max_tokens = default_max_tokens
-    if max_tokens > max_tokens_limit:
-        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        raise InvalidRequest(f"{param}={max_tokens} is above this server's limit of {max_tokens_limit}; ask for "
-                             "fewer tokens.", param=param)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    return GenRequest(messages=messages, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                      stop=body.stop_list())
+async def until_done_or_gone(request: Request, work) -> Any:
+    """``await work``, cancelled when the client disconnects first (its rows are then freed)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise ClientDisconnected("the client disconnected before its answer was ready.")
 
 
-def _matched_stop(backend: Backend, gen: Generation, stops: Sequence[str]) -> str | None:
-    """The stop string that ended ``gen``: the one that follows the returned text in the full decode."""
-    if len(stops) == 1:
-        return stops[0]
-    tok = getattr(backend, "tokenizer", None)
-    if tok is not None and gen.token_ids:
-        full = tok.decode(gen.token_ids, skip_special_tokens=True)
-        for s in stops:
-            if full.startswith(s, len(gen.text)):
-                return s
-    return stops[0] if stops else None
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    service: Service = request.app.state.service
+    gone = asyncio.Event()
+    out = await until_done_or_gone(request, service.chat(body, gone=gone))
+    if isinstance(out, ChatCompletionResponse):
+        return JSONResponse(out.model_dump(mode="json", exclude_none=False))
+    return StreamingResponse(_watched(out, request, gone), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _watched(events, request: Request, gone: asyncio.Event):
+    """``events`` while a watcher sets ``gone`` when the client disconnects (a stream learns it from that, not
+    from a failed write, which may come late or never)."""
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        gone.set()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        async for chunk in events:
+            yield chunk
+    finally:
+        watcher.cancel()
+        await events.aclose()
+
+
+async def route(body: RouteRequest, request: Request) -> RouteResponse:
+    service: Service = request.app.state.service
+    return await until_done_or_gone(request, service.route(body))
+
+
+async def list_models(request: Request) -> ModelList:
+    service: Service = request.app.state.service
+    service.require_ready()  # 503 while loading: a client that waits for the listing waits for the models
+    return ModelList(data=[ModelCard(id=n, created=service.created) for n in service.served_models()])
+
+
+async def health(request: Request) -> JSONResponse:
+    service: Service = request.app.state.service
+    body = Health.model_validate(service.health())
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.ready else 503)
+
+
+async def metrics_text(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
