@@ -25,10 +25,14 @@ from haps.cli.common import (
 @app.command("infer")
 def infer_cmd(
     task: str = workflow_opt(),
-    router: Path = typer.Option(..., help="Hierarchical router folder (`haps rl` OUT/best)."),
+    router: Path = typer.Option(..., help="Router folder: `haps rl` OUT/best (with its adapters), or `haps sft` "
+                                "(assignments only)."),
     out: Path = typer.Option(..., help="Episode log (JSONL; each turn with its model and adapter norm)."),
     data: Path = typer.Option(None, help="Problems JSONL (default: the embedded demo set)."),
-    limit: int = typer.Option(None, min=1, help="First N problems."),
+    limit: int = typer.Option(None, min=1, help="First N problems (with --problem-seed: a seeded subset)."),
+    problem_seed: int = typer.Option(None, help="Seeded spread-out subset of --limit problems (as `haps collect`)."),
+    split: str = typer.Option(None, help="Only this split (train | valid | test) of those problems, cut as "
+                              "`haps collect` and `haps rl` cut them (fractions 0.6/0.2/0.2, seed 0)."),
     adapters: bool = typer.Option(True, "--adapters/--no-adapters", help="Run with the generated adapters."),
     pool: str = typer.Option(None, help="Pool (default: the one the router was trained on)."),
     max_new_tokens: int = typer.Option(None, min=1, help="Tokens per model call (default: the runner's)."),
@@ -41,20 +45,27 @@ def infer_cmd(
 
     from haps.config import load_pool
     from haps.data import load_problems
-    from haps.infer import run_infer
+    from haps.errors import ConfigError
+    from haps.infer import run_infer, split_of
     from haps.models.pool import ModelPool
-    from haps.routing.checkpoints import load_hierarchical, read_manifest
+    from haps.routing.checkpoints import load_router, read_manifest
     from haps.workflows import get_workflow, summarize
 
     workflow = get_workflow(task, **parse_options(option))
     pool_name = pool or read_manifest(router).get("meta", {}).get("pool", "tiny")
     mp = ModelPool(load_pool(pool_name))
-    hier = load_hierarchical(router, mp, workflow.name)
-    problems = load_problems(task, data_path(str(data)) if data else None, limit)
+    loaded = load_router(router, mp.config, workflow.name)
+    problems = load_problems(task, data_path(str(data)) if data else None, limit, sample_seed=problem_seed)
+    if split is not None:
+        if split not in ("train", "valid", "test"):
+            raise ConfigError(f"--split {split!r}: choose train, valid or test.")
+        problems = split_of(problems, split, workflow)
+        if not problems:
+            raise ConfigError(f"the {split} split of these problems is empty; use more problems (--limit).")
     check_out(out)
     t0 = time.perf_counter()
     results = run_infer(router, task, problems, pool=mp, adapters=adapters, workflow=workflow, log_path=out,
-                        progress=progress, max_new_tokens=max_new_tokens, router=hier)
+                        progress=progress, max_new_tokens=max_new_tokens, router=loaded)
     s = summarize(results, time.perf_counter() - t0)
     t = Table(title=f"haps infer {workflow.name} ({'with' if adapters else 'without'} generated adapters)")
     for c in ("assignment", "episodes", f"mean {workflow.metric}", "parse fail", "mean adapter norm"):
