@@ -586,6 +586,17 @@ def test_a_disconnected_client_frees_its_row(pool, router, tiny_llama, monkeypat
     assert lane.calls == 1 and 0 < decoded < 400, decoded  # it stopped soon after the client left, short of 480
 
 
+def test_prompts_longer_than_a_context_window_are_400s(pool, router):
+    """The server's own limit allows them, the windows (512 tokens: the tiny router backbone, the tiny models) do not."""
+    app = create_app(pool, router=router, max_prompt_tokens=4000, max_body_bytes=1 << 20, default_max_tokens=4)
+    with LiveServer(app) as s:
+        url = f"{s.base_url}/chat/completions"
+        routed = httpx.post(url, json={"model": "haps", "messages": user("word " * 600)}).json()["error"]
+        plain = httpx.post(url, json={"model": "tiny-llama", "messages": user("word " * 600)}).json()["error"]
+    assert "router backbone's context window of 512" in routed["message"] and routed["param"] == "messages"
+    assert "context window of 512" in plain["message"] and plain["code"] == "context_length_exceeded"
+
+
 # ---------------------------------------------------------------------- memory
 def test_memory_after_rejected_oversized_requests_stays_where_it_was(pool, router):
     app = create_app(pool, router=router, default_max_tokens=3, max_body_bytes=256 * 1024, max_prompt_tokens=200)

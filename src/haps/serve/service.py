@@ -325,7 +325,9 @@ class Service:
 
     def _check_routing_prompt(self, query) -> None:
         router = self.router
-        n = len(router.hier.high.prompt_ids(query.prompt))
+        # tokenised here, not through the router's prompt cache: the router thread owns that cache
+        out = router.tokenizer.apply_chat_template(query.prompt.messages, add_generation_prompt=True, tokenize=True)
+        n = len(out["input_ids"] if hasattr(out, "keys") else out)
         window = router.context_window
         if window is not None and n > window:
             self._reject("prompt_tokens")
