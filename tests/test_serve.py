@@ -562,7 +562,7 @@ def test_shutdown_with_requests_in_flight_loses_none(pool, router):
 
 
 def test_a_disconnected_client_frees_its_row(pool, router, tiny_llama, monkeypatch):
-    step = tiny_llama._append  # (the server's token hook is already on it)
+    step = tiny_llama._append
 
     def slow(req, row, token, logprob):  # a model slow enough for the hang-up to come mid-answer
         time.sleep(0.003)

@@ -255,28 +255,16 @@ class HapsRouter:
     def decide(self, queries: Sequence[RouteQuery], adapters: bool = True) -> list[RouteDecision]:
         """One router batch: argmax P(z | p) per query (within its budget) and the chosen models' adapters.
 
-        A query whose unconstrained choice is over its budget is decided again among the assignments it can
-        afford ("given" decision: a second backbone pass for those queries only)."""
+        A query with a budget is decided among the assignments it can afford, in the same router pass."""
         import torch
 
         if not queries:
             return []
         space = self.space
         prompts = [q.prompt for q in queries]
+        allowed = torch.tensor([q.allowed() or [True] * space.size for q in queries], dtype=torch.bool)
         with torch.no_grad():
-            decs = self.hier.decide(prompts, "argmax", adapters=adapters)
-            redo, picks = [], []
-            for i, (q, d) in enumerate(zip(queries, decs, strict=True)):
-                ok = q.allowed()
-                if ok is not None and not ok[space.index(d.assignment)]:
-                    p = d.probs.tolist()
-                    best = max((j for j in range(len(p)) if ok[j]), key=p.__getitem__)
-                    redo.append(i)
-                    picks.append(space.at(best))
-            if redo:
-                again = self.hier.decide([prompts[i] for i in redo], "given", assignments=picks, adapters=adapters)
-                for i, d in zip(redo, again, strict=True):
-                    decs[i] = d
+            decs = self.hier.decide(prompts, "argmax", adapters=adapters, allowed=allowed)
         keys = [space.key(z) for z in space.assignments()]
         out = []
         for q, d in zip(queries, decs, strict=True):

@@ -271,6 +271,8 @@ class LocalModel:
             row.finish = "stop"
         elif len(row.out_ids) >= req.max_new_tokens:
             row.finish = "length"
+        if req.on_token is not None and req.on_token(token, row.finish is not None) is False and row.finish is None:
+            row.finish = "length"  # stopped by its caller: nobody reads the rest
         return row.finish is None
 
     def _generation(self, req: GenRequest, row: _Row, states_layer: int | None) -> Generation:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import torch
@@ -61,6 +62,9 @@ class GenRequest:
     # keep the hidden states entering the first adapted layer (`Generation.states`) when the row has an adapter
     # and the engine can: re-scoring for RL then runs only the adapted layers (`haps.models.substack`)
     keep_states: bool = False
+    # called from the decoding thread after each generated token as on_token(token_id, finished); returning
+    # False stops the row (e.g. its client went away). Local backends only; API backends answer whole texts.
+    on_token: Callable[[int, bool], Any] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):

@@ -206,18 +206,26 @@ class HierarchicalRouter:
     # ------------------------------------------------------------------ routing
     def decide(self, prompts: Sequence[RoutingPrompt], decision: Literal["argmax", "sample", "given"] = "argmax", *,
                assignments: Sequence[Assignment] | None = None, adapters: bool = True,
-               generator: torch.Generator | None = None) -> list[Decision]:
-        """One `Decision` per prompt; gradients flow when grad is enabled (training)."""
+               generator: torch.Generator | None = None, allowed: torch.Tensor | None = None) -> list[Decision]:
+        """One `Decision` per prompt; gradients flow when grad is enabled (training). ``allowed`` (B, A) bool:
+        argmax / sampling only among those assignments (e.g. the ones under a cost budget); ``probs`` and
+        ``log_prob`` stay those of the whole distribution."""
         if not prompts:
             return []
         if decision == "given" and (assignments is None or len(assignments) != len(prompts)):
             raise ConfigError("decision='given' needs one assignment per prompt.")
         log_p, pooled = self._score(prompts, need_states=adapters and bool(self.generators))
+        choose = log_p.detach()
+        if allowed is not None:
+            if tuple(allowed.shape) != tuple(choose.shape) or not bool(allowed.any(-1).all()):
+                raise ConfigError(f"allowed must be (prompts, assignments) = {tuple(choose.shape)} with at least one "
+                                  f"assignment per prompt, got {tuple(allowed.shape)}.")
+            choose = choose.masked_fill(~allowed.to(choose.device), float("-inf"))
         if decision == "argmax":
-            idx = log_p.detach().argmax(-1).tolist()
+            idx = choose.argmax(-1).tolist()
         elif decision == "sample":
             g = generator if generator is not None else self.high.generator
-            idx = torch.multinomial(log_p.detach().float().exp().cpu(), 1, generator=g).squeeze(1).tolist()
+            idx = torch.multinomial(choose.float().exp().cpu(), 1, generator=g).squeeze(1).tolist()
         else:
             idx = [self.space.index(z) for z in assignments]
         zs = [self.space.at(i) for i in idx]

@@ -18,7 +18,7 @@ once. While a batch decodes, new rows queue and form the next batch (the decode 
 continuous: rows join at batch boundaries).
 
 A client that disconnects frees its row: a row still queued is dropped before its batch starts; a row
-being decoded stops at its next token (`ServeRequest.on_token` returns False; the other rows go on), and
+being decoded stops at its next token (`GenRequest.on_token` returns False; the other rows go on), and
 leaves the batch (the engine compacts finished rows away).
 
 ``window_s = 0`` and batch sizes of 1 turn batching off (every request its own router pass and generate
@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, replace
 from typing import Any
 
 from haps.models.types import Generation, GenRequest
@@ -41,17 +41,9 @@ from haps.serve.errors import GenerationError
 TokenCallback = Callable[[int, bool], Any]  # (token id, the row finished with it) -> False to stop the row
 
 
-@dataclass
-class ServeRequest(GenRequest):
-    """A `GenRequest` with a per-token callback, called from the decode thread after each generated token;
-    returning False stops the row (its client went away)."""
-
-    on_token: TokenCallback | None = field(default=None, repr=False, compare=False)
-
-
-def with_callback(req: GenRequest, on_token: TokenCallback) -> ServeRequest:
-    """``req`` as a `ServeRequest` calling ``on_token`` (after its own callback, if it had one)."""
-    inner = getattr(req, "on_token", None)
+def with_callback(req: GenRequest, on_token: TokenCallback) -> GenRequest:
+    """``req`` calling ``on_token`` after each token (after its own `GenRequest.on_token`, if it had one)."""
+    inner = req.on_token
     if inner is not None:
         def both(token: int, finished: bool) -> bool:
             a = inner(token, finished)
@@ -61,38 +53,7 @@ def with_callback(req: GenRequest, on_token: TokenCallback) -> ServeRequest:
         cb: TokenCallback = both
     else:
         cb = on_token
-    return ServeRequest(**{f.name: getattr(req, f.name) for f in fields(GenRequest)}, on_token=cb)
-
-
-_HOOKED = "_haps_serve_token_hook"
-
-
-def install_token_hook(backend) -> bool:
-    """Make a `LocalModel` call ``request.on_token(token, finished)`` after each token it appends, and stop
-    the row when that returns False. Rows without ``on_token`` are untouched. Returns whether ``backend``
-    is a LocalModel (other backends answer whole texts: streaming sends them as one chunk).
-
-    This wraps the instance's per-token step (`LocalModel._append`) until the local backend takes a token
-    callback itself; `tests/test_serve.py` holds its tokens equal to a plain generate."""
-    from haps.models.local import LocalModel
-
-    if not isinstance(backend, LocalModel):
-        return False
-    if getattr(backend, _HOOKED, False):
-        return True
-    step = backend._append
-
-    def _append(req, row, token, logprob):
-        go = step(req, row, token, logprob)
-        cb = getattr(req, "on_token", None)
-        if cb is not None and cb(token, not go) is False and go:
-            row.finish = "length"  # stopped: nobody reads this row
-            return False
-        return go
-
-    backend._append = _append
-    setattr(backend, _HOOKED, True)
-    return True
+    return replace(req, on_token=cb)
 
 
 @dataclass(eq=False)

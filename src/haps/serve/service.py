@@ -35,8 +35,9 @@ from pydantic import BaseModel
 from haps.api import HapsRouter, load_router
 from haps.data import Problem
 from haps.errors import ConfigError, DataError
+from haps.models.local import LocalModel
 from haps.models.types import Generation, GenRequest
-from haps.serve.batching import ModelLane, Routed, RouterLane, install_token_hook, with_callback
+from haps.serve.batching import ModelLane, Routed, RouterLane, with_callback
 from haps.serve.errors import (
     GenerationError,
     InvalidRequest,
@@ -210,7 +211,7 @@ class Service:
         """Load every model and the router (blocking: run it in a thread); sets ``status``."""
         try:
             for name in self.names:
-                install_token_hook(self.backend(name))
+                self.backend(name)  # loads it
             if self.routing:
                 self._load_router()
             self.status = "ok"
@@ -499,7 +500,7 @@ class Service:
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue[tuple[int, bool]] = asyncio.Queue()  # (token, the row ended with it)
         tok = getattr(self.backend(model), "tokenizer", None)
-        live = tok is not None and getattr(self.backend(model), "_haps_serve_token_hook", False)
+        live = isinstance(self.backend(model), LocalModel)  # it calls `GenRequest.on_token` per token
         if live:
             req = with_callback(req, lambda t, f: loop.call_soon_threadsafe(tokens.put_nowait, (t, f)))
         hold = max((len(s) for s in req.stop), default=1) - 1  # a stop string may be starting: not sent yet
@@ -618,8 +619,7 @@ class Service:
         """One greedy episode whose calls go through the model lanes (the runner's rules, asynchronously):
         a failed call ends it as failed; each turn records its adapter's norm."""
         from haps.workflows.base import generation_failed
-        from haps.workflows.runner import EpisodeJob
-        from haps.workflows.runner import _result as episode_result
+        from haps.workflows.runner import EpisodeJob, episode_result
 
         wf = self.router.workflow(workflow)
         loop = asyncio.get_running_loop()

@@ -201,7 +201,7 @@ def run_episodes(pool, workflow: Workflow, jobs: Sequence[EpisodeJob], *,
                         stats.tokens_out += gen.completion_tokens
                 for i in [i for i, s in live.items() if i in failures or workflow.done(s) or not workflow.pending(s)]:
                     state = live.pop(i)
-                    res = _result(workflow, jobs[i], state, failures.pop(i, None), _episode_price(pool, jobs[i]))
+                    res = episode_result(workflow, jobs[i], state, failures.pop(i, None), _episode_price(pool, jobs[i]))
                     results[i] = res
                     if log is not None:
                         log.write(res.to_dict())
@@ -269,7 +269,7 @@ def _norm(adapter: RowAdapter, pool) -> float:
     return adapter.update_norm(pool.config.lora.alpha)
 
 
-def _result(workflow: Workflow, job: EpisodeJob, state: EpisodeState, failure: Turn | None = None,
+def episode_result(workflow: Workflow, job: EpisodeJob, state: EpisodeState, failure: Turn | None = None,
             price: float | None = None) -> EpisodeResult:
     """The episode's result; ``price`` (USD per 1M tokens, a pool's `composition_prices`) reprices every turn."""
     problem = job.problem
