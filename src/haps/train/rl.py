@@ -8,10 +8,12 @@ Per step (a batch of training problems)::
     r = shape(score, cost)  -1 if the score is 0 else the score (or the cost-aware reward)
     L = -(1/E) sum_e w_e (log P(z_e | p_e) + sum_t log pi(a_t))            (haps.train.rl_loss)
 
-Token log-probs with gradients come from batched teacher-forced re-scoring of the recorded completions
-(`LocalModel.score`, same temperature and top-p nucleus as sampling) through the injected adapters, in a
-two-stage backward: the scoring passes send gradients into detached leaf copies of the adapters, then one
-backward through the router graph carries them (and the routing term) to the heads and the backbone.
+Routing and adapter generation for the episodes run without gradients. Token log-probs with gradients come
+from batched teacher-forced re-scoring of the recorded completions (`LocalModel.score`, same temperature and
+top-p nucleus as sampling; only the adapted layers, from the hidden states the episodes kept) into leaf
+copies of the adapters; then the router graph is rebuilt `route_batch` prompts at a time (the same decisions)
+and each chunk's backward carries those gradients and the routing term to the heads and the backbone, so
+memory holds one chunk's graph (a router pass with gradients over a 400-token prompt is ~1.2 GB).
 Closed-model turns add no token term; heads of models no episode used get no gradient and no update.
 
 Resumable: every `save_every` steps the router, the optimiser, the scheduler and the trainer state go to
@@ -94,6 +96,8 @@ class RLConfig(BaseModel):
     patience: int = Field(default=4, ge=1, description="Stop after this many validations without a gain.")
     save_every: int = Field(default=1, ge=1, description="Write the resumable state every K steps.")
     score_batch: int = Field(default=8, ge=1, description="Rows per teacher-forced scoring pass.")
+    route_batch: int = Field(default=1, ge=1, description="Prompts whose router graph is rebuilt and backpropagated "
+                             "at once (about 1.2 GB each for SmolLM2 as the backbone and a 400-token prompt).")
     seed: int = Field(default=0, description="Seed of routing, sampling and data order.")
     last_k_layers: int | None = Field(default=None, ge=1, description="LoRA depth l_k (default: the pool's).")
     low_level_config: LowLevelConfig = Field(default_factory=LowLevelConfig, description="The generators.")
@@ -101,8 +105,9 @@ class RLConfig(BaseModel):
                                           description="The backbone when starting without an SFT checkpoint.")
 
     # fields that change no result (resuming with other values is fine): how often validation runs and state
-    # is saved, how many rows one scoring pass takes, and when to give up
-    NO_RESULT_FIELDS: ClassVar[frozenset[str]] = frozenset({"validate_every", "save_every", "score_batch", "patience"})
+    # is saved, how many rows one scoring or routing pass takes, and when to give up
+    NO_RESULT_FIELDS: ClassVar[frozenset[str]] = frozenset({"validate_every", "save_every", "score_batch", "route_batch",
+                                                            "patience"})
 
 
 @dataclass
@@ -279,8 +284,7 @@ class RLRecipe:
         weights = advantages(rewards, base, cfg.max_advantage)
         leaves, token_lp, counts = self._token_logprobs(rollout, weights)
         t["rescoring"] = time.perf_counter()
-        route_lp = torch.stack([d.log_prob for d in rollout["decisions"]]) if rollout["trains_route"] else None
-        loss = self._backward(weights, route_lp, token_lp, counts, leaves, rollout)
+        loss = self._backward(weights, token_lp, counts, leaves, rollout)
         t["backward"] = time.perf_counter()
         lrs = [g["lr"] for g in self.optimizer.param_groups]
         if cfg.max_grad_norm is not None:
@@ -295,7 +299,7 @@ class RLRecipe:
         return self._record(step, rollout, float(loss), lrs, t)
 
     def _rollout(self, problems: list, step: int) -> dict[str, Any]:
-        """Route (with grad), generate adapters, run every episode in lockstep with sampled decoding."""
+        """Route, generate adapters, run every episode in lockstep with sampled decoding (no gradients yet)."""
         from haps.routing.prompt import build_routing_prompt
         from haps.workflows import EpisodeJob, Sampling, run_episodes
 
@@ -305,7 +309,7 @@ class RLRecipe:
         gen = torch.Generator().manual_seed(_seed(cfg.seed, "route", step))
         given = self._given_assignments(len(prompts), gen)
         decision = "given" if given is not None else ("sample" if cfg.route == "sample" else "argmax")
-        with torch.enable_grad():
+        with torch.no_grad():  # the graph is rebuilt prompt chunk by prompt chunk in `_backward`
             decisions = router.decide(prompts, decision, assignments=given, adapters=cfg.low_level, generator=gen)
         jobs = [EpisodeJob(problems[i // G], router.space.to_names(d.assignment), d.adapters if cfg.low_level else None)
                 for i, d in enumerate(decisions)]
@@ -314,6 +318,7 @@ class RLRecipe:
                                seed=_seed(cfg.seed, "episodes", step) % (2**31), progress=False)
         keep = [i for i, r in enumerate(results) if not getattr(r, "failed", False)]
         return {"decisions": [decisions[i] for i in keep], "results": [results[i] for i in keep],
+                "prompts": [prompts[i] for i in keep],
                 "groups": [i // G for i in keep], "failed": len(results) - len(keep),
                 "rewards": [self.cfg.reward.compute(results[i].score, results[i].cost, self.normalizer) for i in keep],
                 "trains_route": cfg.routing_term and cfg.high_level == "router"}
@@ -368,25 +373,44 @@ class RLRecipe:
                     (-(torch.tensor([tw[e] for e, _, _ in chunk]) * lp).sum() / E).backward()
                 for (e, _, _), v in zip(chunk, lp.detach(), strict=True):
                     sums[e] += v
-        return list(leaves.values()), sums, counts
+        return [(k, leaf) for k, (_, leaf) in leaves.items()], sums, counts
 
-    def _backward(self, weights, route_lp, token_lp, counts, leaves, rollout) -> torch.Tensor:
-        """One backward through the router graph: the routing term plus the adapters' gradients from scoring."""
+    def _backward(self, weights, token_lp, counts, leaves, rollout) -> torch.Tensor:
+        """Gradients of the loss into the router: the routing term, plus the adapters' gradients that scoring left
+        in their leaf copies, through the router graph rebuilt for `route_batch` prompts at a time (the same
+        decisions: routing is deterministic given the prompt and z), each chunk's graph freed after its backward.
+        Returns the loss value (for the log)."""
         cfg = self.cfg
-        loss = policy_loss(weights, None if route_lp is None else route_lp.detach(), token_lp, counts,
-                           routing_term=route_lp is not None, token_norm=cfg.token_norm)
-        tensors, grads = [], []
-        if route_lp is not None:
-            w = torch.tensor(weights, dtype=route_lp.dtype)
-            tensors.append(-(w * route_lp).sum() / len(weights))
-            grads.append(torch.ones(()))
-        for orig, leaf in leaves:
-            for x, y in zip(orig.A + orig.B, leaf.A + leaf.B, strict=True):
-                if y.grad is not None and x.requires_grad:
-                    tensors.append(x)
-                    grads.append(y.grad)
-        if tensors:
-            torch.autograd.backward(tensors, grads)
+        decs, prompts = rollout["decisions"], rollout["prompts"]
+        trains_route = rollout["trains_route"]
+        route_lp = torch.stack([d.log_prob for d in decs]).detach() if trains_route else None
+        loss = policy_loss(weights, route_lp, token_lp, counts, routing_term=trains_route, token_norm=cfg.token_norm)
+        leaf_of = dict(leaves)  # id(no-grad adapter) -> its leaf copy (holding the token term's gradient)
+        E = len(decs)
+        for s in range(0, E, cfg.route_batch):
+            chunk = range(s, min(E, s + cfg.route_batch))
+            with torch.enable_grad():
+                again = self.router.decide([prompts[i] for i in chunk], "given",
+                                           assignments=[decs[i].assignment for i in chunk], adapters=cfg.low_level)
+                tensors, grads = [], []
+                if trains_route:
+                    w = torch.tensor([weights[i] for i in chunk], dtype=again[0].log_prob.dtype)
+                    tensors.append(-(w * torch.stack([d.log_prob for d in again])).sum() / E)
+                    grads.append(torch.ones(()))
+                seen: set[int] = set()
+                for i, d in zip(chunk, again, strict=True):
+                    for role, a in d.adapters.items():
+                        orig = decs[i].adapters.get(role)
+                        leaf = None if orig is None else leaf_of.get(id(orig))
+                        if a is None or leaf is None or id(a) in seen:
+                            continue
+                        seen.add(id(a))
+                        for x, y in zip(a.A + a.B, leaf.A + leaf.B, strict=True):
+                            if y.grad is not None and x.requires_grad:
+                                tensors.append(x)
+                                grads.append(y.grad)
+                if tensors:
+                    torch.autograd.backward(tensors, grads)
         return loss
 
     def _record(self, step: int, rollout, loss: float, lrs: list[float], t: dict[str, float]) -> StepRecord:
