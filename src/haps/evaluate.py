@@ -173,11 +173,18 @@ def report_table(report: Mapping[str, Any], title: str = "evaluation by lookup")
     skipped = report.get("failed_records", 0)
     t = Table(title=f"{title} ({report['problems']} problems"
                     + (f"; {skipped} failed episode records skipped" if skipped else "") + ")")
+    from haps.labels import key_labels
+
     for c in ("policy", "reward", "score", "cost", "best z", "failed", "selection"):
-        t.add_column(c, justify="left" if c in ("policy", "selection") else "right")
+        t.add_column(c, justify="left" if c in ("policy", "selection") else "right", no_wrap=c != "selection",
+                     overflow="fold")
+    keys = sorted({k for m in report["policies"].values() for k in m["selection"]})
+    label = key_labels(keys)
     for name, m in report["policies"].items():
-        sel = ", ".join(f"{k}: {v:.0%}" for k, v in m["selection"].items() if v > 0.005)
-        t.add_row(name, f"{m['reward']:.4f}", f"{m['score']:.4f}", f"{m['cost']:.3g}", f"{m['best_rate']:.1%}",
+        sel = ", ".join(f"{label[k]}: {v:.0%}" for k, v in m["selection"].items() if v > 0.005)
+        kind, _, arg = name.partition(":")
+        shown = label.get(arg, name) if kind == "fixed" else name
+        t.add_row(shown, f"{m['reward']:.4f}", f"{m['score']:.4f}", f"{m['cost']:.3g}", f"{m['best_rate']:.1%}",
                   str(m.get("failed", 0)), sel)
     return t
 

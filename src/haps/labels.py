@@ -92,3 +92,15 @@ class Labeler:
         roles = [f"{s} = {r}" for r, s in self.roles.items() if s != r]
         models = [f"{s} = {m}" for m, s in self.models.items() if s != m]
         return "; ".join(p for p in (", ".join(roles), ", ".join(models)) if p)
+
+
+def key_labels(keys: Sequence[str]) -> dict[str, str]:
+    """Assignment keys (``teacher=smollm2-135m,student=gemma3-270m``) -> ``T=smollm2 S=gemma3``, shortened over
+    the roles and models the keys name (for tables that have the keys but not the space)."""
+    pairs = {k: [p.split("=", 1) for p in k.split(",") if "=" in p] for k in keys}
+    roles = list(dict.fromkeys(r for ps in pairs.values() for r, _ in ps))
+    models = list(dict.fromkeys(m for ps in pairs.values() for _, m in ps))
+    if not roles or not models:
+        return {k: k for k in keys}
+    short_r, short_m = short_role_names(roles), short_model_names(models)
+    return {k: " ".join(f"{short_r[r]}={short_m[m]}" for r, m in ps) or k for k, ps in pairs.items()}

@@ -58,17 +58,21 @@ class WarmupStats:
     def table(self, title: str = "warm-up set"):
         from rich.table import Table
 
+        from haps.labels import key_labels
+
         t = Table(title=f"{title}: {self.examples} examples from {self.problems} problems "
                         f"(ties {self.tie_share:.1%}, all-zero {self.all_zero_share:.1%}, "
                         f"dropped {self.dropped_all_zero}, failed records skipped {self.failed_records})")
-        t.add_column("assignment")
-        t.add_column("best (before balance)", justify="right")
+        t.add_column("assignment", no_wrap=True)
+        t.add_column("best", justify="right")  # problems it is a best assignment of, before balancing
         t.add_column("examples", justify="right")
         t.add_column("share", justify="right")
-        t.add_column("failed (skipped)", justify="right")
-        for k in sorted(set(self.labels_before_balance) | set(self.labels) | set(self.failed_by_key)):
+        t.add_column("failed", justify="right")  # failed episode records skipped
+        keys = sorted(set(self.labels_before_balance) | set(self.labels) | set(self.failed_by_key))
+        label = key_labels(keys)
+        for k in keys:
             n = self.labels.get(k, 0)
-            t.add_row(k, str(self.labels_before_balance.get(k, 0)), str(n),
+            t.add_row(label[k], str(self.labels_before_balance.get(k, 0)), str(n),
                       f"{n / self.examples:.1%}" if self.examples else "-", str(self.failed_by_key.get(k, 0)))
         return t
 
