@@ -10,7 +10,8 @@ import torch
 
 from haps.config import LoraTarget
 from haps.models.decode import LeanDecode
-from haps.models.engine import DecodeEngine, DecodeOptions, make_engine, plan_prefill
+from haps.models.engine import DecodeEngine, DecodeOptions, plan_prefill
+from haps.models.engines import make_engine
 from haps.models.hf_decode import HFDecode
 from haps.models.local import LocalModel
 from haps.models.types import GenRequest, RowAdapter

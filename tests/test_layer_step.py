@@ -10,7 +10,7 @@ from haps.config import LoraTarget
 from haps.models.adapters import AdapterBatch
 from haps.models.attention import SharedPrefix, StepMask
 from haps.models.decode import LeanDecode, StaticKVCache
-from haps.models.engine import make_engine
+from haps.models.engines import make_engine
 from haps.models.hf_decode import HFDecode
 from haps.models.layer_step import LAYER_STEPS, module_step, project, step_supported
 from haps.models.lora import PerRequestLoRALinear, inject
@@ -155,7 +155,7 @@ def test_soft_capped_attention_uses_the_reference_engine(tiny_gemma3):
 
 
 def test_gemm_rows_pads_to_cheap_counts_and_never_shrinks():
-    from haps.models.layer_step import gemm_rows, pad_rows
+    from haps.models.padding import gemm_rows, pad_rows
 
     assert [gemm_rows(n) for n in range(1, 18)] == [1, 2, 4, 4, 5, 6, 8, 8] + [16] * 8 + [32]
     assert gemm_rows(33) == 48 and gemm_rows(64) == 64 and gemm_rows(1, min_rows=2) == 2

@@ -42,7 +42,7 @@ class TokenLoopPool:
 
     def _one(self, m, req, gen: torch.Generator) -> Generation:
         from haps.models.adapters import adapters_in_scope
-        from haps.models.hf_decode import with_cache
+        from haps.models.hf_compat import with_cache
         from haps.models.local import _Row
         from haps.models.picking import nucleus
 

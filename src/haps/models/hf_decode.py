@@ -12,28 +12,14 @@ rows' last tokens run as one forward over that cache. Adapters reach the LoRA wr
 
 from __future__ import annotations
 
-import functools
-import inspect
-
 import torch
 from torch import nn
 
 from haps.models.adapters import AdapterBatch, adapters_in_scope
 from haps.models.engine import PrefillPlan
+from haps.models.hf_compat import with_cache
 from haps.models.padding import left_pad
 from haps.models.picking import pick_tokens
-
-
-@functools.cache
-def _cache_argument(cls: type) -> str:
-    """The keyword a transformers forward takes its KV cache by: ``cache`` (transformers >= 5.2x) or
-    ``past_key_values`` (earlier releases, deprecated since)."""
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
-
-
-def with_cache(module: nn.Module, cache) -> dict:
-    """``{<the module's cache keyword>: cache}`` for a transformers forward call."""
-    return {_cache_argument(type(module)): cache}
 
 
 class HFDecode:

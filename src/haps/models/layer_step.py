@@ -34,32 +34,7 @@ from torch import nn
 from haps.models.adapters import AdapterBatch, lora_delta
 from haps.models.attention import BlockPlan, StepMask, attend, attend_block
 from haps.models.lora import PerRequestLoRALinear
-
-# Row counts up to 16 and what to pad them to (see `gemm_rows`).
-_SMALL_GEMM_ROWS = (0, 1, 2, 4, 4, 5, 6, 8, 8) + (16,) * 8
-
-
-def gemm_rows(n: int, min_rows: int = 1) -> int:
-    """How many rows to give a CPU ``W @ x^T`` whose x has n rows (the matmul's N): n, or a little more.
-
-    MKL's single-precision GEMM covers N in column blocks of 16, then 8, 4, 2, 1, and each block streams
-    the whole weight, so a ragged N costs as many weight passes as the set bits of N % 16, plus one per full
-    16 block. Measured on this project's 2-core AVX2 machine for Gemma 3's 262k x 640 head (ms): N=15
-    146, N=16 66; N=12 92; N=31 173, N=32 93; and the same shape over a decoder layer's projections (N=15
-    58.6 vs N=16 20.3 ms for 18 layers). So pad N to the cheapest count at or above it: 3 -> 4, 7 -> 8,
-    9..15 -> 16, above 16 to a multiple of 16 (N=17 and N=32 cost the same, 92 vs 93 ms), never below
-    ``min_rows``. Zero rows give zero columns that callers slice away; the other columns are the same dot
-    products.
-    """
-    n = max(n, min_rows)
-    return _SMALL_GEMM_ROWS[n] if n <= 16 else -(-n // 16) * 16
-
-
-def pad_rows(x: torch.Tensor, min_rows: int = 1) -> torch.Tensor:
-    """x: (b, d) with zero rows appended up to ``gemm_rows(b, min_rows)``; x itself when none are needed."""
-    m = gemm_rows(x.shape[0], min_rows)
-    return x if m == x.shape[0] else torch.cat([x, x.new_zeros((m - x.shape[0], x.shape[1]))])
-
+from haps.models.padding import pad_rows
 
 # Above this many rows (prefill blocks) a CPU projection runs as ``x @ W^T`` (its contiguous output suits the
 # elementwise ops that follow; the weight is reused across many rows anyway) and is not padded.
@@ -169,7 +144,7 @@ def module_step(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch
     """The slow twin of a `LAYER_STEPS` decode step: one token (b, d) through the layer module's own forward,
     attending over every cache position (``mask.rows`` covers them all; no shared prefixes)."""
     from haps.models.adapters import adapters_in_scope
-    from haps.models.hf_decode import with_cache
+    from haps.models.hf_compat import with_cache
 
     with adapters_in_scope(adapters):
         return layer(h[:, None], attention_mask=mask.rows, position_embeddings=(cos[:, None], sin[:, None]),

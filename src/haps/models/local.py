@@ -25,7 +25,8 @@ from torch import nn
 from haps.config import LoraTarget, ModelSpec
 from haps.errors import ConfigError, ModelLoadError
 from haps.models.adapters import AdapterBatch, adapters_in_scope
-from haps.models.engine import DecodeEngine, DecodeOptions, make_engine, plan_prefill
+from haps.models.engine import DecodeEngine, DecodeOptions, plan_prefill
+from haps.models.engines import make_engine
 from haps.models.lora import LoraSites, inject, lora_sites
 from haps.models.padding import left_pad
 from haps.models.picking import token_logprobs

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from haps.models.layer_step import pad_rows
+from haps.models.padding import pad_rows
 
 
 def head_logits(head: nn.Module, h: torch.Tensor, chunk: int = 4096) -> torch.Tensor:

@@ -36,7 +36,7 @@ from torch import nn
 
 from haps.errors import ConfigError, ModelLoadError
 from haps.files import atomic_dir
-from haps.models.hf_decode import with_cache
+from haps.models.hf_compat import with_cache
 from haps.models.padding import left_pad
 from haps.routing.base import Decision, Router, register_router
 from haps.routing.prompt import RoutingPrompt, parse_assignment_json

@@ -1,0 +1,20 @@
+"""What differs between the transformers releases haps supports."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+from torch import nn
+
+
+@functools.cache
+def _cache_argument(cls: type) -> str:
+    """The keyword a transformers forward takes its KV cache by: ``cache`` (transformers >= 5.2x) or
+    ``past_key_values`` (earlier releases, deprecated since)."""
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def with_cache(module: nn.Module, cache) -> dict:
+    """``{<the module's cache keyword>: cache}`` for a transformers forward call."""
+    return {_cache_argument(type(module)): cache}
