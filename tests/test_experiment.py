@@ -160,6 +160,22 @@ def test_config_errors_are_one_line(tmp_path, capsys):
         assert e.value.code == 2 and what in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_demo_and_profile_options_are_checked(tmp_path, capsys):
+    from haps.cli import main
+
+    for argv, what in ((["demo", "--limit", "2", "--out", str(tmp_path / "d")], "--limit"),
+                       (["demo", "--data", "x.jsonl", "--out", str(tmp_path / "d")], "--tasks"),
+                       (["collect", "--task", "mmlu", "--profile", "bogus", "--out", str(tmp_path / "c")], "bogus"),
+                       (["sft", "--actions", str(tmp_path), "--profile", "bogus", "--out", str(tmp_path / "s")],
+                        "bogus"),
+                       (["rl", "--task", "mmlu", "--profile", "bogus", "--out", str(tmp_path / "r")], "bogus")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and what in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "d").exists() and not (tmp_path / "c").exists()
+
+
 def test_readme_lists_the_paper_profile():
     from haps.profiles import markdown_table
 
@@ -229,6 +245,20 @@ def test_smoke_experiment_runs_is_killed_resumes_and_then_has_nothing_to_do(tmp_
     assert again.returncode == 0 and "every stage was done already" in again.stdout, again.stdout[-3000:]
     assert "0 of 13 stages to run" in again.stdout and time.perf_counter() - t0 < 120
 
+    # the demo's showcase of one test problem, from this experiment's folders, in 80 columns
+    import io
+
+    from rich.console import Console
+
+    from haps.cli.demo import show_task
+
+    buf = io.StringIO()
+    show_task(Console(file=buf, width=80), out, "mmlu", "tiny")
+    text = buf.getvalue()
+    assert "P(z|p)" in text and "<- chosen" in text and "||alpha A B||_F" in text and "episode" in text
+    assert "student r1 act on" in text and "score [95% CI]" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+
 
 MIXED = {
     "tasks": ["mmlu"],
@@ -271,3 +301,24 @@ def test_a_mixed_setting_serves_its_closed_model_and_stops_the_server(tmp_path):
             if t["model"] == "smollm2-135m":
                 assert t["adapter_norm"] is None  # closed rows: no adapter
     assert "Mixed pool (Fig. 5): rendered" in done.stdout
+
+
+def test_the_cpu_and_paper_configs_are_valid(tmp_path, data_root, monkeypatch):
+    from haps.experiment import load_experiment_config
+    from haps.experiment.build import resolve_setting
+
+    monkeypatch.setenv("HAPS_DATA", str(data_root))
+    configs = REPO / "src" / "haps" / "configs"
+    cpu = load_experiment_config(configs / "experiment_cpu.yaml")
+    stages, _, _ = plan_experiment(cpu, tmp_path, tasks=["mmlu"])
+    s = _by_id(stages)
+    assert s["mmlu/tiny/collect"].work == 800 and s["mmlu/tiny/rl/full"].info["steps"] == 24
+    assert s["mmlu/tiny/rl/full"].info["rl"].max_new_tokens == 80
+    total = sum(st.estimate_s for st in stages)
+    assert 3600 < total < 2.2 * 3600, total  # sized for about 2 hours on 2 cores
+    paper = load_experiment_config(configs / "experiment_paper.yaml")
+    assert paper.profile == "paper" and len(paper.settings) == 3
+    for name in paper.settings:
+        sp = resolve_setting(paper, name, tmp_path)
+        assert sorted(sp.pool.composition_prices.values()) == [0.2, 0.5, 0.8]
+        assert all(m.source.count("/") == 1 for m in sp.pool.models)  # hub ids

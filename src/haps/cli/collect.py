@@ -49,6 +49,10 @@ def collect_cmd(
         CollectConfig, "share_tree", "Run the shared prefixes of each problem's episode tree once (greedy decoding: "
         "the same records; may change on resume); --no-share-tree runs every episode on its own.")),
     option: list[str] = options_opt(),
+    profile: str = typer.Option(None, help="default | paper: the paper's protocol (strict parsing, HotpotQA's null "
+                                "answer, 256 tokens, 3,000/1,000/100 problems, Table 4 prices per composition) under "
+                                "the --config file and the options given (haps.profiles; also `profile:` in the "
+                                "file)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """Run every assignment for every problem and record r(p, z) (resumable: rerun the same command).
@@ -58,22 +62,34 @@ def collect_cmd(
     from rich.console import Console
 
     from haps.errors import ConfigError
+    from haps.profiles import check, collect_overrides, composition_prices, merge
     from haps.train.collect import collect
 
     base = load_config_file(config)
     base.pop("notes", None)
+    profile = check(profile or base.pop("profile", "default"))
+    base.pop("profile", None)
     task = task or base.get("task")
     if not task:
         raise ConfigError("no workflow given: pass --task NAME (or --workflow path/to/file.py:ClassName), or set "
                           "task in the --config file.")
-    cfg = build_config(CollectConfig, per_task(base, task, PER_TASK), {
+    cfg = build_config(CollectConfig, merge(collect_overrides(profile, task), per_task(base, task, PER_TASK)), {
         "task": task, "data": data, "limit": limit, "pool": pool, "max_new_tokens": max_new_tokens,
         "sample": sample, "max_enumerate": max_enumerate, "seed": seed, "chunk_size": chunk_size,
         "max_attempts": max_attempts, "share_tree": share_tree, "workflow_options": parse_options(option)})
     if cfg.data:
         cfg.data = data_path(cfg.data)
     check_out(out, folder=True)
-    s = collect(cfg, out, progress=progress, require_splits=True)
+    pool_obj = None
+    if profile != "default":  # the profile's prices per composition on the named pool
+        from haps.config import load_pool
+        from haps.models.pool import ModelPool
+
+        pc = load_pool(cfg.pool)
+        if not pc.composition_prices:
+            pc = pc.model_copy(update={"composition_prices": composition_prices(profile, pc.names)})
+        pool_obj = ModelPool(pc)
+    s = collect(cfg, out, pool=pool_obj, progress=progress, require_splits=True)
     Console().print(f"[bold]{s.out}[/]: {s.total} (problem, assignment) pairs, {s.done_before} already done, "
                     f"{s.written} written, {s.failed} failed in {s.seconds:.1f}s ({s.episodes_per_s:.3f} episodes/s)"
                     + (f"; repaired a torn last line ({s.repaired_bytes} bytes)" if s.repaired_bytes else ""))

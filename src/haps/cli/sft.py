@@ -33,15 +33,21 @@ def sft_cmd(
     seed: int = typer.Option(None, help="Seed of shuffling, ties and the router."),
     workflow: str = typer.Option(None, "--workflow", help="Workflow spec overriding the collection's recorded "
                                  "one (a name or path/to/file.py:ClassName)."),
+    profile: str = typer.Option(None, help="default | paper: the authors' SFT recipe (10 epochs, lr 1e-5, warm-up "
+                                "0.03, batch 8 x 8, tie policy all) under the --config file and the options given "
+                                "(haps.profiles; also `profile:` in the file)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """Supervised warm-up of the high-level router on the best assignments of the training split."""
     from rich.console import Console
 
     from haps.errors import ConfigError
+    from haps.profiles import check, merge, sft_overrides
     from haps.train.sft import SFTConfig, run_sft
 
     base = load_config_file(config)
+    base = merge(sft_overrides(check(profile or base.pop("profile", "default"))), base)
+    base.pop("profile", None)
     router = dict(base.get("router") or {})
     if lora is False:
         router["lora"] = None

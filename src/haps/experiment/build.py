@@ -45,7 +45,7 @@ class SettingPlan:
         """The pool as it enters fingerprints: what changes results (no ports, timeouts, cache folders)."""
         from haps.train.collect import _result_view
 
-        return _result_view("pool", self.pool.model_dump(mode="json"))
+        return _result_view("pool", self.pool.model_dump(mode="json", exclude_defaults=True))
 
 
 def resolve_setting(cfg: ExperimentConfig, name: str, out: Path, port: int = NO_PORT) -> SettingPlan:
@@ -119,7 +119,7 @@ def build_plan(cfg: ExperimentConfig, out: Path, *, tasks: list[str] | None = No
     from haps.cli.common import data_path
     from haps.data import load_problems
     from haps.routing.space import AssignmentSpace
-    from haps.train.collect import CollectConfig, _result_view, assignments_for, plan_splits
+    from haps.train.collect import RESULT_FIELDS, CollectConfig, assignments_for, plan_splits
     from haps.train.sft import SFTConfig
     from haps.workflows.base import get_workflow
 
@@ -156,8 +156,7 @@ def build_plan(cfg: ExperimentConfig, out: Path, *, tasks: list[str] | None = No
             pairs = sum(len(assignments_for(space, p.id, ccfg)) for p in problems)
             ep_s = episode_seconds(task, ccfg.max_new_tokens, ccfg.workflow_options)
             pid = f"{task}/{sname}"
-            cview = _result_view("config", ccfg.model_dump(mode="json"))
-            cview.pop("pool", None)
+            cview = {k: v for k, v in _spec(ccfg).items() if k in RESULT_FIELDS and k != "pool"}
             base_info = {"collect": ccfg, "setting": sp, "splits": n, "workflow": wf}
             stages.append(Stage(f"{pid}/collect", "collect", root / "actions", {"config": cview, "pool": sp.view()},
                                 task, sname, needs_models=True, work=max(0, pairs - _recorded(root / "actions")),
@@ -166,7 +165,7 @@ def build_plan(cfg: ExperimentConfig, out: Path, *, tasks: list[str] | None = No
             wspec = {k: getattr(sft_cfg, k) for k in WARMUP_FIELDS}
             stages.append(Stage(f"{pid}/warmup", "warmup", root / "warmup.json", wspec, task, sname,
                                 after=[f"{pid}/collect"], work=1, unit="stage", rate_key="warmup", info=base_info))
-            stages.append(Stage(f"{pid}/sft", "sft", root / "sft", sft_cfg.model_dump(mode="json"), task, sname,
+            stages.append(Stage(f"{pid}/sft", "sft", root / "sft", _spec(sft_cfg), task, sname,
                                 after=[f"{pid}/warmup"], work=sft_cfg.epochs * n["train"], unit="examples x epochs",
                                 rate_key="sft", info={**base_info, "sft": sft_cfg,
                                                       "default_rate": DEFAULT_RATES["sft_example"]}))
@@ -183,7 +182,7 @@ def build_plan(cfg: ExperimentConfig, out: Path, *, tasks: list[str] | None = No
                 rl_ep = DEFAULT_RATES["rl_episode"] * rcfg.max_new_tokens / 80
                 sid = f"{pid}/rl/{v.name}"
                 rl_ids[v.name] = sid
-                spec = {"rl": rcfg.model_dump(mode="json"), "steps": steps_cap}
+                spec = {"rl": _spec(rcfg), "steps": steps_cap}
                 spec["rl"].pop("pool", None)
                 stages.append(Stage(sid, "rl", root / "rl" / v.name, spec, task, sname, v.name,
                                     after=[f"{pid}/sft"], needs_models=True,
@@ -221,6 +220,12 @@ def build_plan(cfg: ExperimentConfig, out: Path, *, tasks: list[str] | None = No
     stages.append(Stage("report", "report", out / REPORT / "report.html", {}, after=evals, work=1, unit="stage",
                         rate_key="report"))
     return stages, settings
+
+
+def _spec(cfg) -> dict[str, Any]:
+    """A stage config as it enters fingerprints: the values that differ from the model's defaults (a field added
+    to a config model later, with a default, leaves the stages done before it done)."""
+    return cfg.model_dump(mode="json", exclude_defaults=True)
 
 
 def _rel(method: str, out: Path) -> str:

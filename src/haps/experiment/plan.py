@@ -13,7 +13,7 @@ excluded):
 
 | stage | unit | default rate | measured on |
 | --- | --- | --- | --- |
-| collect, eval (HAPS episodes) | greedy episode | MMLU 7.8 s at 80 tokens/call, 3 rounds; HotpotQA 10.1 s at 64 tokens, B=1, no summaries; scaled by tokens per call and calls per episode | `collect_tiny.yaml` runs (README, CPU-scale collection) |
+| collect, eval (HAPS episodes) | greedy episode | MMLU 4.5 s at 80 tokens/call, 3 rounds; HotpotQA 7 s at 64 tokens, B=1, no summaries; scaled by tokens per call and calls per episode | MMLU: 100-155 s per lockstep chunk of 32 episodes (8 problems x 4 assignments) in a 320-problem collection; HotpotQA: the README's 10.1 s (an older engine) scaled by MMLU's gain since |
 | sft | training example x epoch | 4.2 s (validation included) | 3 epochs on 18 problems: 225 s |
 | rl | sampled episode (+ re-scoring and update) | 11 s at 80 tokens/call, plus greedy validation episodes | a 4-episode MMLU step: 30-60 s |
 | baselines | baseline | 10 s | fitting the six baselines on 72 train problems |
@@ -35,8 +35,8 @@ STATE = "stages.json"
 
 #: seconds per unit of work when this experiment has measured none (see the module docstring)
 DEFAULT_RATES: dict[str, float] = {
-    "episode/mmlu": 7.8,  # at 80 tokens per call, 3 rounds
-    "episode/hotpotqa": 10.1,  # at 64 tokens per call, budget 1, no summaries
+    "episode/mmlu": 4.5,  # at 80 tokens per call, 3 rounds
+    "episode/hotpotqa": 7.0,  # at 64 tokens per call, budget 1, no summaries
     "episode/other": 8.0,
     "rl_episode": 11.0,  # at 80 tokens per call
     "sft_example": 4.2,

@@ -48,7 +48,8 @@ def plan_table(stages: list[Stage], title: str):
     for col, j in (("stage", "left"), ("status", "left"), ("work left", "right"), ("estimate", "right")):
         t.add_column(col, justify=j)
     for s in stages:
-        work = "-" if s.status == "done" or not s.work else f"{s.work:g} {s.unit}"
+        unit = s.unit[:-1] if s.work == 1 and s.unit.endswith("s") else s.unit
+        work = "-" if s.status == "done" or not s.work else f"{s.work:g} {unit}"
         status = {"partial": "partial: " + ("resume" if s.kind in ("collect", "rl", "baselines") else "redo"),
                   "changed": "changed: redo"}.get(s.status, s.status)
         t.add_row(s.id, status, work, fmt_seconds(s.estimate_s) if s.status != "done" else "-")
@@ -265,8 +266,9 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path, *, tasks: list[str] 
 
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path, *, tasks: list[str] | None = None, data: str | None = None,
-                   progress: bool = True, console=None) -> ExperimentResult:
-    """Run (or resume) the experiment ``cfg`` into ``out`` (see `haps.experiment`)."""
+                   progress: bool = True, console=None, on_stage=None) -> ExperimentResult:
+    """Run (or resume) the experiment ``cfg`` into ``out`` (see `haps.experiment`). ``on_stage(stage, event,
+    seconds)`` is called with event "start" before a stage runs and "done" (with its seconds) after."""
     from rich.console import Console
 
     console = console or Console()
@@ -287,6 +289,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, tasks: list[str] |
             if s.kind == "rl" and s.status == "changed" and s.output.exists():
                 shutil.rmtree(s.output)  # made with other settings or inputs: RL would resume it
             state.started(s)
+            if on_stage is not None:
+                on_stage(s, "start", None)
             t0 = time.perf_counter()
             try:
                 units = runner.run(s)
@@ -298,6 +302,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, tasks: list[str] |
             state.finished(s, secs, units)
             s.status = "done"
             result.ran.append((s.id, secs))
+            if on_stage is not None:
+                on_stage(s, "done", secs)
     finally:
         runner.close()
     if result.ran:
