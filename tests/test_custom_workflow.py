@@ -137,6 +137,18 @@ def test_example_runs_through_haps_run_and_collect_on_the_tiny_pool(tmp_path):
     eps = [json.loads(line) for line in log.read_text().splitlines()]
     assert [e["id"] for e in eps] == ["arith-01", "arith-02"] and all(e["task"] == "arithmetic" for e in eps)
     assert all([t["role"] for t in e["turns"]] == ["solver", "verifier"] for e in eps)
+    # --problem-seed/--split: the test split of a seeded subset, cut as collect and rl cut it
+    from haps.data import load_problems
+    from haps.infer import split_of
+    from haps.workflows import get_workflow
+
+    wf = get_workflow(f"{EXAMPLE}:ArithmeticWorkflow", rounds=1)
+    want = [p.id for p in split_of(load_problems(f"{EXAMPLE}:ArithmeticWorkflow", DATA, 12, sample_seed=3), "test", wf)]
+    log2 = tmp_path / "run" / "test-split.jsonl"
+    res = _haps(["run", *common, "--limit", "12", "--problem-seed", "3", "--split", "test", "--assign",
+                 "solver=smollm2-135m,verifier=smollm2-135m", "--out", str(log2)], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [json.loads(line)["id"] for line in log2.read_text().splitlines()] == want and 0 < len(want) < 12
 
     out = tmp_path / "actions"
     res = _haps(["collect", *common, "--limit", "4", "--out", str(out)], tmp_path)

@@ -38,3 +38,26 @@ def test_compare_is_paired_on_common_problems():
     d = compare(a, b, n_boot=500)
     assert d["problems"] == 2 and d["diff"] == pytest.approx(0.5)
     assert compare(a, [], n_boot=10) == {"problems": 0}
+
+
+def test_episode_stats_command_writes_the_paired_difference(tmp_path, capsys):
+    import json
+
+    from haps.cli import main
+
+    a = [_ep("a", 1.0, "A", "A", "s", "g", (0.5, None)), _ep("b", 1.0, "B", "B", "s", "g", (0.7, None))]
+    b = [_ep("a", 0.0, "C", "A", "g", "g", (None, None)), _ep("b", 1.0, "B", "B", "g", "g", (None, None))]
+    for name, eps in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in eps))
+    with pytest.raises(SystemExit) as ok:
+        main(["episode-stats", f"ref={tmp_path / 'a.jsonl'}", str(tmp_path / "b.jsonl"), "--json",
+              str(tmp_path / "s.json"), "--n-boot", "200"])
+    assert ok.value.code == 0
+    got = json.loads((tmp_path / "s.json").read_text())
+    assert got["ref"]["minus_ref"] is None and got["ref"]["stats"]["score"]["mean"] == 1.0
+    assert got["b"]["minus_ref"]["diff"] == pytest.approx(-0.5) and got["b"]["minus_ref"]["problems"] == 2
+    assert got["b"]["stats"]["selection"] == {"teacher=g,student=g": 2}
+    assert "paired differences against ref" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["episode-stats", str(tmp_path / "nope.jsonl")])
+    assert e.value.code == 2 and "nope.jsonl" in capsys.readouterr().err

@@ -22,7 +22,7 @@ app.add_typer(bench_app, name="bench")
 #: the command modules; importing one registers its commands on `app` / `bench_app`
 COMMANDS = ("models", "run", "collect", "warmup", "sft", "eval_lookup", "eval", "report", "route", "rl", "infer",
             "export_adapter", "serve", "demo", "bench_lora", "bench_episodes", "bench_rl",
-            "bench_collect", "experiment", "bench_serve")
+            "bench_collect", "experiment", "bench_serve", "episode_stats")
 
 USER_ERROR = 2  # exit status of every user error (as for bad options)
 

@@ -16,6 +16,7 @@ from haps.cli.common import (
     check_out,
     config_opt,
     data_path,
+    load_config_file,
     options_opt,
     parse_options,
     workflow_opt,
@@ -36,14 +37,22 @@ def rl_cmd(
     batch_size: int = typer.Option(None, min=1, help="Problems per update."),
     seed: int = typer.Option(None, help="Seed of routing, sampling and data order."),
     option: list[str] = options_opt(),
+    profile: str = typer.Option(None, help="default | paper: the authors' RL settings (greedy routing, batch 1, 3 "
+                                "epochs, lr 1e-6 / 1e-5, T 1.0, no baseline or clipping, xavier init shared across "
+                                "layers) under the --config file and the options given (haps.profiles; also "
+                                "`profile:` in the file)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """Joint RL: sample z, generate adapters, run episodes, re-score them, update both routers (resumable)."""
     from rich.console import Console
 
+    from haps.profiles import check, merge, rl_overrides
     from haps.train.rl import RLConfig, run_rl
 
-    cfg: RLConfig = build_config(RLConfig, config, {
+    base = load_config_file(config)
+    base = merge(rl_overrides(check(profile or base.pop("profile", "default"))), base)
+    base.pop("profile", None)
+    cfg: RLConfig = build_config(RLConfig, base, {
         "task": task, "data": data_path(str(data)) if data else None, "limit": limit, "pool": pool,
         "batch_size": batch_size, "seed": seed, "workflow_options": parse_options(option) or None})
     if cfg.data is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import typer
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,7 +33,12 @@ class RunConfig(BaseModel):
     assign: str | dict[str, str] | None = Field(default=None, description="ROLE=MODEL pairs (text or a mapping); "
                                                 "None: the pool's first model for every role.")
     data: str | None = Field(default=None, description="JSONL file or folder of problems (None: the demo set).")
-    limit: int | None = Field(default=None, ge=1, description="Use the first N problems.")
+    limit: int | None = Field(default=None, ge=1, description="Use the first N problems (with problem_seed: a "
+                              "seeded spread-out subset of N).")
+    problem_seed: int | None = Field(default=None, description="Seeded spread-out subset of `limit` problems (as "
+                                     "`haps collect`, `haps rl` and `haps infer` take them).")
+    split: Literal["train", "valid", "test"] | None = Field(default=None, description="Only this split of those "
+                                                             "problems, cut as `haps collect` and `haps rl` cut it.")
     max_new_tokens: int = Field(default=128, ge=1, description="Tokens per model call.")
     temperature: float = Field(default=0.0, ge=0, description="0 = greedy.")
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
@@ -62,6 +67,8 @@ def run(
                                "student=gemma3-270m (none: the pool's first model for every role)."),
     data: Path = typer.Option(None, help="JSONL file or folder of problems (default: the embedded demo set)."),
     limit: int = typer.Option(None, min=1, help=field_help(RunConfig, "limit")),
+    problem_seed: int = typer.Option(None, help=field_help(RunConfig, "problem_seed")),
+    split: str = typer.Option(None, help=field_help(RunConfig, "split")),
     max_new_tokens: int = typer.Option(None, min=1, help=field_help(RunConfig, "max_new_tokens")),
     temperature: float = typer.Option(None, min=0.0, help=field_help(RunConfig, "temperature")),
     top_p: float = typer.Option(None, min=0.0, max=1.0, help=field_help(RunConfig, "top_p")),
@@ -85,13 +92,21 @@ def run(
 
     cfg: RunConfig = build_config(RunConfig, config, {
         "task": task, "assign": assign, "data": str(data) if data else None, "limit": limit,
+        "problem_seed": problem_seed, "split": split,
         "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed, "pool": pool,
         "workflow_options": parse_options(option), "out": str(out) if out else None, "progress": progress})
     workflow = get_workflow(cfg.task, **cfg.workflow_options)
     pool_cfg = load_pool(cfg.pool)
     assignment = resolve_assignment(cfg.assign, workflow.roles, pool_cfg.names)
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
-    problems = load_problems(cfg.task, data_path(cfg.data), cfg.limit)
+    problems = load_problems(cfg.task, data_path(cfg.data), cfg.limit, sample_seed=cfg.problem_seed)
+    if cfg.split is not None:
+        from haps.errors import ConfigError
+        from haps.infer import split_of
+
+        problems = split_of(problems, cfg.split, workflow)
+        if not problems:
+            raise ConfigError(f"the {cfg.split} split of these problems is empty; use more problems (--limit).")
     check_out(cfg.out)
     jobs = [EpisodeJob(p, assignment) for p in problems]
     t0 = time.perf_counter()

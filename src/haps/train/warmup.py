@@ -67,7 +67,7 @@ class WarmupStats:
         t.add_column("best", justify="right")  # problems it is a best assignment of, before balancing
         t.add_column("examples", justify="right")
         t.add_column("share", justify="right")
-        t.add_column("failed", justify="right")  # failed episode records skipped
+        t.add_column("failed (skipped)", justify="right")
         keys = sorted(set(self.labels_before_balance) | set(self.labels) | set(self.failed_by_key))
         label = key_labels(keys)
         for k in keys:
