@@ -114,6 +114,39 @@ def test_closed_model_turns_add_no_token_term(tmp_path, smol_tokenizer, tiny_lla
     assert scored and set(scored) == {"tiny-llama"}  # the closed teacher's turns are never re-scored
 
 
+def test_failed_episodes_are_no_rewards_in_training_or_validation(tmp_path, smol_tokenizer, tiny_llama, tiny_gemma3,
+                                                                 monkeypatch):
+    """The closed teacher's call fails for 2 of the 4 problems (an API error after retries): those episodes are
+    counted as failed and dropped; the step's reward and score are the other 2 episodes' (score 0.5 each: the
+    good teacher, and the student's planted share); validation skips them the same way."""
+    from haps.models.types import Generation
+
+    rec = _recipe(tmp_path, smol_tokenizer, tiny_llama, tiny_gemma3, closed=True, high_level="fixed",
+                  fixed_assignment="teacher=tiny-gemma3,student=tiny-llama", low_level=True)
+    backend = rec.pool.backend("tiny-gemma3")
+    orig = backend.generate
+    problems = rec.batch_of(0)  # step 0's problems
+    bad = {f"about the {p.question}:" for p in problems[:2]}
+
+    def flaky(requests, *a, **k):
+        out = orig(requests, *a, **k)
+        return [Generation(text="", model="tiny-gemma3", finish_reason="error", error="APIConnectionError: refused")
+                if any(b in r.prompt for b in bad) else g for r, g in zip(requests, out, strict=True)]
+
+    monkeypatch.setattr(backend, "generate", flaky)
+    rollout = rec._rollout(problems, 0)
+    assert rollout["failed"] == 2 and len(rollout["results"]) == 2
+    assert [r.id for r in rollout["results"]] == [p.id for p in problems[2:]]
+    assert all(not r.failed and r.score is not None for r in rollout["results"])
+    assert rollout["rewards"] == [r.score for r in rollout["results"]]  # reward kind "score": the kept episodes'
+    record = rec.step(0)  # the same problems: the step trains on the 2 kept episodes
+    assert record.failed == 2 and record.score_mean == pytest.approx(sum(rollout["rewards"]) / 2)
+    summary, results = rec.evaluate(problems)
+    ok = [r for r in results if not r.failed]
+    assert summary["failed"] == 2 and [r.id for r in ok] == [p.id for p in problems[2:]]
+    assert summary["score"] == pytest.approx(sum(r.score for r in ok) / 2)
+
+
 def test_routing_term_alone_trains_the_backbone_without_adapters(tmp_path, smol_tokenizer, tiny_llama, tiny_gemma3):
     rec = _recipe(tmp_path, smol_tokenizer, tiny_llama, tiny_gemma3, low_level=False)
     heads0 = _snapshot(rec.router.generators)
