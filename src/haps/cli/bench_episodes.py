@@ -82,19 +82,44 @@ def bench_episodes(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bars."),
 ) -> None:
     """Lockstep vs one-at-a-time episodes: wall time, ratio (target >= 5x), tokens/s, same predictions."""
-    import dataclasses
+    from haps.models.pool import ModelPool
+    from haps.workflows import EpisodeJob, Sampling, run_episodes
 
+    cfg: EpisodesBenchConfig = build_config(EpisodesBenchConfig, config, {
+        "task": task, "n": n, "assign": assign, "data": str(data) if data else None, "max_new_tokens": max_new_tokens,
+        "pool": pool, "threads": threads, "out": str(out) if out else None})
+    options, workflow, pool_cfg, assignment, problems = _setup(cfg, option)
+    n = cfg.n
+    mp = ModelPool(pool_cfg)
+    jobs = [EpisodeJob(p, assignment) for p in problems]
+    sampling = Sampling(temperature=0.0, max_new_tokens=cfg.max_new_tokens)
+    con = Console()
+    # warm-up: load the models (and e.g. the retriever) outside the timings
+    run_episodes(mp, workflow, jobs[:1], sampling=Sampling(max_new_tokens=2), progress=False)
+
+    modes, preds = _time_modes(mp, workflow, jobs, problems, assignment, sampling, progress)
+    same = sum(a == b for a, b in zip(preds["lockstep"], preds["one_at_a_time"], strict=True))
+    ratio = modes["one_at_a_time"]["wall_s"] / modes["lockstep"]["wall_s"]
+    write_json_atomic(cfg.out, _result(cfg, workflow, assignment, options, modes, ratio, same))
+
+    _print_tables(con, cfg, workflow, assignment, modes)
+    con.print(f"speed-up lockstep / one-at-a-time: [bold]{ratio:.2f}x[/bold] (target >= 5x); identical predictions: "
+              f"{same}/{n}. JSON: {cfg.out}")
+    failed = sum(m["failed"] for m in modes.values())
+    report_failures([f"{failed} episode(s) failed (a model call errored); the timings do not compare like with "
+                     "like. See the episodes' errors with `haps run` on the same settings."] if failed else [])
+
+
+def _setup(cfg: EpisodesBenchConfig, option: list[str]) -> tuple[dict[str, Any], Any, Any, dict[str, str], list]:
+    """(workflow options, workflow, pool config, assignment, ``cfg.n`` problems) of the benchmark; checks the
+    output path and sets the torch threads."""
     import torch
 
     from haps.cli.run import resolve_assignment
     from haps.config import load_pool
     from haps.data import load_problems
-    from haps.models.pool import ModelPool
-    from haps.workflows import EpisodeJob, RunStats, Sampling, get_workflow, run_episodes
+    from haps.workflows import get_workflow
 
-    cfg: EpisodesBenchConfig = build_config(EpisodesBenchConfig, config, {
-        "task": task, "n": n, "assign": assign, "data": str(data) if data else None, "max_new_tokens": max_new_tokens,
-        "pool": pool, "threads": threads, "out": str(out) if out else None})
     options = {**cfg.workflow_options.get(cfg.task, {}), **parse_options(option)}
     workflow = get_workflow(cfg.task, **options)
     pool_cfg = load_pool(cfg.pool)
@@ -105,16 +130,25 @@ def bench_episodes(
     check_out(cfg.out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    n = cfg.n
+    return options, workflow, pool_cfg, assignment, _cycled(problems, cfg.n)
+
+
+def _cycled(problems: list, n: int) -> list:
+    """``problems``, or, when there are fewer than ``n`` (the demo set is small), ``n`` of them cycled with
+    distinct ids."""
+    import dataclasses
+
     if len(problems) < n:  # the demo set is small: cycle it, with distinct ids
         base = list(problems)
         problems = [dataclasses.replace(base[i % len(base)], id=f"{base[i % len(base)].id}#{i}") for i in range(n)]
-    mp = ModelPool(pool_cfg)
-    jobs = [EpisodeJob(p, assignment) for p in problems]
-    sampling = Sampling(temperature=0.0, max_new_tokens=cfg.max_new_tokens)
-    con = Console()
-    # warm-up: load the models (and e.g. the retriever) outside the timings
-    run_episodes(mp, workflow, jobs[:1], sampling=Sampling(max_new_tokens=2), progress=False)
+    return problems
+
+
+def _time_modes(mp, workflow, jobs: list, problems: list, assignment: dict[str, str], sampling,
+                progress: bool) -> tuple[dict[str, dict[str, Any]], dict[str, list]]:
+    """Run ``jobs`` in lockstep, then one at a time; returns (mode -> its timings, tokens, calls, score and
+    per-model totals; mode -> the predictions in job order)."""
+    from haps.workflows import RunStats, run_episodes
 
     modes = {}
     preds = {}
@@ -135,9 +169,16 @@ def bench_episodes(
             "per_model": {name: _totals_delta(before[name], getattr(mp.backend(name), "totals", {}))
                           for name in sorted(before)},
         }
-    same = sum(a == b for a, b in zip(preds["lockstep"], preds["one_at_a_time"], strict=True))
-    ratio = modes["one_at_a_time"]["wall_s"] / modes["lockstep"]["wall_s"]
-    result = {
+    return modes, preds
+
+
+def _result(cfg: EpisodesBenchConfig, workflow, assignment: dict[str, str], options: dict[str, Any],
+            modes: dict[str, dict[str, Any]], ratio: float, same: int) -> dict[str, Any]:
+    """The JSON result: settings, both modes, the speed-up, matching predictions and the machine."""
+    import torch
+
+    n = cfg.n
+    return {
         "bench": "episodes", "task": workflow.name, "episodes": n, "pool": cfg.pool, "assignment": assignment,
         "settings": {"max_new_tokens": cfg.max_new_tokens, "temperature": 0.0, "workflow_options": options,
                      "data": cfg.data or "demo"},
@@ -147,9 +188,12 @@ def bench_episodes(
                     "python": platform.python_version(), "device": "cpu"},
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    write_json_atomic(cfg.out, result)
 
-    t = Table(title=f"{n} {workflow.name} episodes, " + ", ".join(f"{r}={m}" for r, m in assignment.items())
+
+def _print_tables(con: Console, cfg: EpisodesBenchConfig, workflow, assignment: dict[str, str],
+                  modes: dict[str, dict[str, Any]]) -> None:
+    """Print the table of both modes and the table of where each model's time went."""
+    t = Table(title=f"{cfg.n} {workflow.name} episodes, " + ", ".join(f"{r}={m}" for r, m in assignment.items())
               + f", greedy, {cfg.max_new_tokens} tokens/call")
     for col in ("mode", "wall s", "episodes/s", "tokens/s", "model calls", f"mean {workflow.metric}", "parse fail",
                 "failed"):
@@ -169,8 +213,3 @@ def bench_episodes(
                           f"{d['prefill_s']:.1f}", f"{d['decode_s']:.1f}",
                           f"{d.get('prefill_tokens_per_prompt_token', 0):.2f}")
     con.print(b)
-    con.print(f"speed-up lockstep / one-at-a-time: [bold]{ratio:.2f}x[/bold] (target >= 5x); identical predictions: "
-              f"{same}/{n}. JSON: {cfg.out}")
-    failed = sum(m["failed"] for m in modes.values())
-    report_failures([f"{failed} episode(s) failed (a model call errored); the timings do not compare like with "
-                     "like. See the episodes' errors with `haps run` on the same settings."] if failed else [])

@@ -310,6 +310,37 @@ def collect(cfg: CollectConfig, out: str | Path, *, problems: Sequence | None = 
     """
     t0 = time.perf_counter()
     out = Path(out)
+    problems, workflow, pool, runner, sampling = _defaults(cfg, problems, pool, workflow, runner, sampling)
+    names = [m.name for m in pool.config.models]
+    space = AssignmentSpace.of(workflow.roles, names)
+
+    from haps.metrics import RewardConfig
+
+    reward_cfg = RewardConfig(kind=cfg.reward_kind)
+    split_of = plan_splits(problems, cfg, workflow.stratify_by if cfg.stratify else None, require_all=require_splits)
+
+    created = not out.exists()
+    fresh, run_no = _start_run(cfg, out, pool, space, names, len(problems))
+    repaired, done, tried = _read_progress(out)
+    total, done_before, capped, chunks = _plan_chunks(cfg, problems, space, done, tried)
+    if job_factory is None:
+        job_factory = _episode_job
+
+    tally = _Tally(capped=capped)
+    try:
+        _run_chunks(cfg, out, chunks, tally, pool=pool, workflow=workflow, runner=runner, sampling=sampling,
+                    job_factory=job_factory, space=space, split_of=split_of, reward_cfg=reward_cfg, tried=tried,
+                    run_no=run_no, total=total, done_before=done_before, progress=progress, on_record=on_record)
+    except BaseException:
+        if fresh and tally.written == 0 and done_before == 0 and not tally.failures:  # nothing collected: leave nothing
+            _remove_fresh(out, created)
+        raise
+    return CollectSummary(out, total, done_before, tally.written, repaired, time.perf_counter() - t0,
+                          failures=tally.failures, capped=tally.capped, max_attempts=cfg.max_attempts)
+
+
+def _defaults(cfg: CollectConfig, problems, pool, workflow, runner, sampling) -> tuple[Any, Any, Any, Any, Any]:
+    """(problems, workflow, pool, runner, sampling): each one given, or the real one built from ``cfg``."""
     if problems is None:
         from haps.data import load_problems
 
@@ -327,20 +358,18 @@ def collect(cfg: CollectConfig, out: str | Path, *, problems: Sequence | None = 
         from haps.workflows.runner import run_episodes as runner
     if sampling is None:
         sampling = default_sampling(cfg)
-    names = [m.name for m in pool.config.models]
-    space = AssignmentSpace.of(workflow.roles, names)
+    return problems, workflow, pool, runner, sampling
 
-    from haps.metrics import RewardConfig
 
-    reward_cfg = RewardConfig(kind=cfg.reward_kind)
-    split_of = plan_splits(problems, cfg, workflow.stratify_by if cfg.stratify else None, require_all=require_splits)
-
-    created = not out.exists()
+def _start_run(cfg: CollectConfig, out: Path, pool, space: AssignmentSpace, names: list[str],
+               n_problems: int) -> tuple[bool, int]:
+    """Create ``out``, check its manifest against ``cfg`` (`_check_manifest`) and add this run to it;
+    returns (whether the manifest is new, this run's number)."""
     out.mkdir(parents=True, exist_ok=True)
     manifest_p = out / MANIFEST
     fresh = not manifest_p.exists()
     want = {"format": FORMAT, "config": cfg.model_dump(mode="json"), "pool": _pool_dump(pool),
-            "roles": list(space.roles), "models": names, "n_problems": len(problems)}
+            "roles": list(space.roles), "models": names, "n_problems": n_problems}
     manifest = _check_manifest(manifest_p, want)
     run_no = len(manifest.get("runs", []))
     run = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid()}
@@ -348,7 +377,12 @@ def collect(cfg: CollectConfig, out: str | Path, *, problems: Sequence | None = 
     manifest["runs"] = manifest.get("runs", []) + [run]
     write_json_atomic(manifest_p, manifest)
     (out / EPISODES).mkdir(exist_ok=True)
+    return fresh, run_no
 
+
+def _read_progress(out: Path) -> tuple[int, set[str], dict[str, dict[str, Any]]]:
+    """Repair the torn last lines of ``out``'s records and failures; returns (bytes cut off, the record keys
+    done, each tried pair's last failure with its attempt number)."""
     actions_p = out / ACTIONS
     repaired = repair_jsonl(actions_p)
     done = ({record_key(r["problem_id"], r["key"]) for r in read_actions(actions_p) if not failed_record(r)}
@@ -358,7 +392,13 @@ def collect(cfg: CollectConfig, out: str | Path, *, problems: Sequence | None = 
     tried: dict[str, dict[str, Any]] = {}  # pair -> its last failure (with the attempt number)
     for f in read_jsonl(failures_p) if failures_p.exists() else []:
         tried[record_key(f["problem_id"], f["key"])] = f
+    return repaired, done, tried
 
+
+def _plan_chunks(cfg: CollectConfig, problems: Sequence, space: AssignmentSpace, done: set[str],
+                 tried: dict[str, dict[str, Any]]) -> tuple[int, int, list[dict[str, Any]], list[list[tuple]]]:
+    """(pairs planned, pairs done before, the last failure of each pending pair out of attempts, the chunks
+    of (problem, z) left to run: ``cfg.chunk_size`` whole problems each, in problem order)."""
     plan = [(p, z) for p in problems for z in assignments_for(space, p.id, cfg)]
     pending = [(p, z) for p, z in plan if record_key(p.id, space.key(z)) not in done]
     done_before = len(plan) - len(pending)
@@ -372,44 +412,51 @@ def collect(cfg: CollectConfig, out: str | Path, *, problems: Sequence | None = 
         by_problem.setdefault(p.id, []).append((p, z))
     groups = list(by_problem.values())
     chunks = [[pz for g in groups[i:i + cfg.chunk_size] for pz in g] for i in range(0, len(groups), cfg.chunk_size)]
-    if job_factory is None:
-        job_factory = _episode_job
+    return len(plan), done_before, capped, chunks
 
-    written = 0
-    failures: list[dict[str, Any]] = []
-    try:
-        with progress_bar(progress) as bar, JsonlAppender(actions_p) as app, JsonlAppender(failures_p) as fail_log:
-            task_id = bar.add_task(f"collect {workflow.name}", total=len(plan), completed=done_before)
-            for ci, chunk in enumerate(chunks):
-                jobs = [job_factory(p, space.to_names(z)) for p, z in chunk]
-                log_name = f"{EPISODES}/run{run_no:03d}-chunk{ci:05d}.jsonl"
-                results = runner(pool, workflow, jobs, sampling=sampling, log_path=out / log_name, seed=cfg.seed,
-                                 progress=False, share_calls=cfg.share_tree)
-                if len(results) != len(jobs):
-                    raise ConfigError(f"runner returned {len(results)} results for {len(jobs)} jobs.")
-                lines = _log_lines(out / log_name)
-                for (p, z), res in zip(chunk, results, strict=False):
-                    if getattr(res, "failed", False):  # never a reward: logged, retried by the next run
-                        key = record_key(p.id, space.key(z))
-                        f = _failure(p, z, res, space, split_of, log_name, lines, run_no,
-                                     tried.get(key, {}).get("attempt", 0) + 1)
-                        fail_log.write(f)
-                        failures.append(f)
-                        if f["attempt"] >= cfg.max_attempts:
-                            capped.append(f)
-                        continue
-                    rec = _record(p, z, res, space, split_of, reward_cfg, log_name, lines)
-                    app.write(rec)
-                    written += 1
-                    if on_record is not None:
-                        on_record(rec)
-                bar.advance(task_id, len(chunk))
-    except BaseException:
-        if fresh and written == 0 and done_before == 0 and not failures:  # nothing collected: leave nothing
-            _remove_fresh(out, created)
-        raise
-    return CollectSummary(out, len(plan), done_before, written, repaired, time.perf_counter() - t0,
-                          failures=failures, capped=capped, max_attempts=cfg.max_attempts)
+
+@dataclass
+class _Tally:
+    """What a collection run has written so far: records, failed episodes, pairs out of attempts."""
+
+    written: int = 0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    capped: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _run_chunks(cfg: CollectConfig, out: Path, chunks: list[list[tuple]], tally: _Tally, *, pool, workflow,
+                runner: Callable, sampling: Any, job_factory: Callable, space: AssignmentSpace,
+                split_of: dict[str, str], reward_cfg, tried: dict[str, dict[str, Any]], run_no: int, total: int,
+                done_before: int, progress: bool, on_record: Callable[[dict[str, Any]], None] | None) -> None:
+    """Run each chunk's episodes in one ``runner`` call and append each one's record to ``actions.jsonl``
+    (or, failed, its line to ``failures.jsonl``) as it comes; counts go into ``tally``."""
+    actions_p, failures_p = out / ACTIONS, out / FAILURES
+    with progress_bar(progress) as bar, JsonlAppender(actions_p) as app, JsonlAppender(failures_p) as fail_log:
+        task_id = bar.add_task(f"collect {workflow.name}", total=total, completed=done_before)
+        for ci, chunk in enumerate(chunks):
+            jobs = [job_factory(p, space.to_names(z)) for p, z in chunk]
+            log_name = f"{EPISODES}/run{run_no:03d}-chunk{ci:05d}.jsonl"
+            results = runner(pool, workflow, jobs, sampling=sampling, log_path=out / log_name, seed=cfg.seed,
+                             progress=False, share_calls=cfg.share_tree)
+            if len(results) != len(jobs):
+                raise ConfigError(f"runner returned {len(results)} results for {len(jobs)} jobs.")
+            lines = _log_lines(out / log_name)
+            for (p, z), res in zip(chunk, results, strict=False):
+                if getattr(res, "failed", False):  # never a reward: logged, retried by the next run
+                    key = record_key(p.id, space.key(z))
+                    f = _failure(p, z, res, space, split_of, log_name, lines, run_no,
+                                 tried.get(key, {}).get("attempt", 0) + 1)
+                    fail_log.write(f)
+                    tally.failures.append(f)
+                    if f["attempt"] >= cfg.max_attempts:
+                        tally.capped.append(f)
+                    continue
+                rec = _record(p, z, res, space, split_of, reward_cfg, log_name, lines)
+                app.write(rec)
+                tally.written += 1
+                if on_record is not None:
+                    on_record(rec)
+            bar.advance(task_id, len(chunk))
 
 
 def _pointer(res, z: Assignment, space: AssignmentSpace, log_name: str, lines: dict[tuple[str, str], int]):

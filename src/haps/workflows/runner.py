@@ -42,7 +42,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -154,71 +154,113 @@ def run_episodes(pool, workflow: Workflow, jobs: Sequence[EpisodeJob], *,
         with progress_bar(progress) as bar:
             task = bar.add_task(f"{workflow.name} episodes", total=len(jobs))
             while queue or live:
-                while queue and (max_live is None or len(live) < max_live):
-                    i = queue.popleft()
-                    job = jobs[i]
-                    styles = {r: "completion" if pool.spec(job.assignment[r]).completion_style else "chat"
-                              for r in workflow.roles}
-                    live[i] = workflow.start(job.problem, styles)
-                # gather the pending calls of every live episode, bucketed by model
-                buckets: dict[str, list[tuple[int, str, GenRequest]]] = {}
-                for i, state in live.items():
-                    for call in workflow.pending(state):
-                        model = jobs[i].assignment[call.role]
-                        adapter = (jobs[i].adapters or {}).get(call.role)
-                        cap = sampling.max_new_tokens
-                        if call.max_new_tokens is not None:
-                            cap = min(cap, call.max_new_tokens)
-                        req = replace(call.request, max_new_tokens=cap, temperature=sampling.temperature,
-                                      top_p=sampling.top_p, adapter=adapter, logprobs=record_logprobs,
-                                      keep_states=record_logprobs)
-                        buckets.setdefault(model, []).append((i, call.role, req))
-                for model, items in buckets.items():
+                _start_waiting(pool, workflow, jobs, queue, live, max_live)
+                for model, items in _pending_calls(workflow, jobs, live, sampling, record_logprobs).items():
                     items = [it for it in items if it[0] not in failures]  # failed this step: no more calls
                     if not items:
                         continue
-                    reqs = [r for _, _, r in items]
-                    rows, row_of = share_rows(reqs) if share_calls else (reqs, list(range(len(reqs))))
-                    out = pool.generate(model, rows, seed=None if seed is None else seed + n_calls)
-                    gens = [out[k] if first else _copy(out[k]) for k, first in _firsts(row_of)]
+                    gens = _generate(pool, model, [r for _, _, r in items],
+                                     None if seed is None else seed + n_calls, share_calls, stats)
                     n_calls += 1
-                    stats.rows += len(rows)
-                    stats.shared_rows += len(reqs) - len(rows)
-                    for (i, role, req), gen in zip(items, gens, strict=True):
-                        if i in failures:  # an earlier call of this episode in the same batch failed
-                            continue
-                        before = len(live[i].turns)
-                        if generation_failed(gen):
-                            failures[i] = workflow.fail(live[i], role, gen)
-                        else:
-                            workflow.advance(live[i], role, gen)
-                        norm = None if req.adapter is None else _norm(req.adapter, pool)
-                        for turn in live[i].turns[before:]:
-                            turn.adapter_norm = norm
-                            if not record_logprobs:
-                                turn.drop_rl()
-                        stats.tokens_in += gen.prompt_tokens
-                        stats.tokens_out += gen.completion_tokens
-                for i in [i for i, s in live.items() if i in failures or workflow.done(s) or not workflow.pending(s)]:
-                    state = live.pop(i)
-                    res = episode_result(workflow, jobs[i], state, failures.pop(i, None), _episode_price(pool, jobs[i]))
-                    results[i] = res
-                    if log is not None:
-                        log.write(res.to_dict())
-                    stats.episodes += 1
-                    stats.failed += res.failed
-                    stats.turns += len(res.turns)
-                    stats.parse_failures += res.parse_failures
-                    stats.cost += res.cost
-                    elapsed = max(time.perf_counter() - t0, 1e-9)
-                    bar.update(task, completed=stats.episodes,
-                               info=f"{stats.episodes / elapsed:.2f} ep/s  {stats.tokens_out / elapsed:.0f} tok/s")
+                    _advance(pool, workflow, items, gens, live, failures, record_logprobs, stats)
+                _finish_done(pool, workflow, jobs, live, failures, results, log, stats,
+                             lambda: _show_rate(bar, task, stats, t0))
     finally:
         if log is not None:
             log.close()
         stats.wall_s = time.perf_counter() - t0
         stats.calls = n_calls
     return results  # type: ignore[return-value]
+
+
+def _start_waiting(pool, workflow: Workflow, jobs: Sequence[EpisodeJob], queue: deque[int],
+                   live: dict[int, EpisodeState], max_live: int | None) -> None:
+    """Start waiting jobs (indices popped from ``queue``) into ``live`` until ``max_live`` episodes run."""
+    while queue and (max_live is None or len(live) < max_live):
+        i = queue.popleft()
+        job = jobs[i]
+        styles = {r: "completion" if pool.spec(job.assignment[r]).completion_style else "chat"
+                  for r in workflow.roles}
+        live[i] = workflow.start(job.problem, styles)
+
+
+def _pending_calls(workflow: Workflow, jobs: Sequence[EpisodeJob], live: dict[int, EpisodeState],
+                   sampling: Sampling, record_logprobs: bool) -> dict[str, list[tuple[int, str, GenRequest]]]:
+    """The pending calls of every live episode as model -> [(job index, role, request with the run's sampling,
+    the role's adapter and token cap)], in episode order."""
+    buckets: dict[str, list[tuple[int, str, GenRequest]]] = {}
+    for i, state in live.items():
+        for call in workflow.pending(state):
+            model = jobs[i].assignment[call.role]
+            adapter = (jobs[i].adapters or {}).get(call.role)
+            cap = sampling.max_new_tokens
+            if call.max_new_tokens is not None:
+                cap = min(cap, call.max_new_tokens)
+            req = replace(call.request, max_new_tokens=cap, temperature=sampling.temperature,
+                          top_p=sampling.top_p, adapter=adapter, logprobs=record_logprobs,
+                          keep_states=record_logprobs)
+            buckets.setdefault(model, []).append((i, call.role, req))
+    return buckets
+
+
+def _generate(pool, model: str, reqs: list[GenRequest], seed: int | None, share_calls: bool,
+              stats: RunStats) -> list[Generation]:
+    """One ``pool.generate`` call on ``model`` for ``reqs`` (identical greedy ones sharing a row with
+    ``share_calls``); returns one generation per request and counts the rows in ``stats``."""
+    rows, row_of = share_rows(reqs) if share_calls else (reqs, list(range(len(reqs))))
+    out = pool.generate(model, rows, seed=seed)
+    gens = [out[k] if first else _copy(out[k]) for k, first in _firsts(row_of)]
+    stats.rows += len(rows)
+    stats.shared_rows += len(reqs) - len(rows)
+    return gens
+
+
+def _advance(pool, workflow: Workflow, items: list[tuple[int, str, GenRequest]], gens: list[Generation],
+             live: dict[int, EpisodeState], failures: dict[int, Turn], record_logprobs: bool,
+             stats: RunStats) -> None:
+    """Feed each (job index, role, request) its generation: advance its episode, or end it at a failed call
+    (recorded in ``failures``); tags the new turns with the adapter's norm and counts tokens in ``stats``."""
+    for (i, role, req), gen in zip(items, gens, strict=True):
+        if i in failures:  # an earlier call of this episode in the same batch failed
+            continue
+        before = len(live[i].turns)
+        if generation_failed(gen):
+            failures[i] = workflow.fail(live[i], role, gen)
+        else:
+            workflow.advance(live[i], role, gen)
+        norm = None if req.adapter is None else _norm(req.adapter, pool)
+        for turn in live[i].turns[before:]:
+            turn.adapter_norm = norm
+            if not record_logprobs:
+                turn.drop_rl()
+        stats.tokens_in += gen.prompt_tokens
+        stats.tokens_out += gen.completion_tokens
+
+
+def _finish_done(pool, workflow: Workflow, jobs: Sequence[EpisodeJob], live: dict[int, EpisodeState],
+                 failures: dict[int, Turn], results: list[EpisodeResult | None], log: JsonlAppender | None,
+                 stats: RunStats, counted: Callable[[], None]) -> None:
+    """Take the episodes that are done (or failed, or have no pending call) out of ``live``: store each
+    result in ``results``, log it, count it in ``stats``, then call ``counted()``."""
+    for i in [i for i, s in live.items() if i in failures or workflow.done(s) or not workflow.pending(s)]:
+        state = live.pop(i)
+        res = episode_result(workflow, jobs[i], state, failures.pop(i, None), _episode_price(pool, jobs[i]))
+        results[i] = res
+        if log is not None:
+            log.write(res.to_dict())
+        stats.episodes += 1
+        stats.failed += res.failed
+        stats.turns += len(res.turns)
+        stats.parse_failures += res.parse_failures
+        stats.cost += res.cost
+        counted()
+
+
+def _show_rate(bar, task, stats: RunStats, t0: float) -> None:
+    """Update the progress bar ``task`` with the episodes done and the rates since ``t0``."""
+    elapsed = max(time.perf_counter() - t0, 1e-9)
+    bar.update(task, completed=stats.episodes,
+               info=f"{stats.episodes / elapsed:.2f} ep/s  {stats.tokens_out / elapsed:.0f} tok/s")
 
 
 def _share_key(req: GenRequest) -> tuple | None:
