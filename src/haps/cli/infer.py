@@ -67,17 +67,23 @@ def infer_cmd(
     results = run_infer(router, task, problems, pool=mp, adapters=adapters, workflow=workflow, log_path=out,
                         progress=progress, max_new_tokens=max_new_tokens, router=loaded)
     s = summarize(results, time.perf_counter() - t0)
-    t = Table(title=f"haps infer {workflow.name} ({'with' if adapters else 'without'} generated adapters)")
+    with_adapters = adapters and hasattr(loaded, "decide")  # a `haps sft` router generates none
+    what = ("with generated adapters" if with_adapters else
+            "without adapters: a high-level-only router" if adapters else "generated adapters off")
+    t = Table(title=f"haps infer {workflow.name} ({what})")
     for c in ("assignment", "episodes", f"mean {workflow.metric}", "parse fail", "mean adapter norm"):
         t.add_column(c, justify="left" if c == "assignment" else "right")
     by: dict[str, list] = {}
     for r in results:
         by.setdefault(",".join(f"{k}={v}" for k, v in r.assignment.items()), []).append(r)
+    from haps.labels import key_labels
+
+    labels = key_labels(list(by))
     for key, rs in sorted(by.items()):
         norms = [tu.adapter_norm for r in rs for tu in r.turns if tu.adapter_norm is not None]
         turns = sum(len(r.turns) for r in rs)
         ok = [r.score for r in rs if not r.failed]
-        t.add_row(key, str(len(rs)), f"{sum(ok) / len(ok):.4f}" if ok else "-",
+        t.add_row(labels[key], str(len(rs)), f"{sum(ok) / len(ok):.4f}" if ok else "-",
                   f"{sum(r.parse_failures for r in rs) / max(turns, 1):.1%}",
                   f"{sum(norms) / len(norms):.3g}" if norms else "-")
     t.add_row("all", str(s["episodes"]), f"{s['score']:.4f}" if s["score"] is not None else "-",
