@@ -32,7 +32,7 @@ from haps.baselines.train import baseline_class, fit_from_collection
 from haps.errors import ConfigError, DataError
 from haps.evaluate import ActionTable, router_policies
 from haps.router_metrics import gap_closed
-from haps.routing.base import get_router
+from haps.routers import get_router
 from haps.routing.prompt import RoutingPrompt, build_routing_prompt
 from haps.routing.space import AssignmentSpace
 

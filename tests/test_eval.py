@@ -301,6 +301,7 @@ def test_lookup_equals_real_episodes_under_greedy_decoding(tmp_path, smol_tokeni
 
 def test_sft_router_is_scored_by_lookup_with_a_cost_sweep(tmp_path, monkeypatch):
     """sft:<CKPT> loads the high-level router (here a stand-in registered as high_level) and routes by it."""
+    from haps.routers import load_builtin_routers
     from haps.routing import base
 
     class FakeHighLevel(base.Router):
@@ -314,7 +315,7 @@ def test_sft_router_is_scored_by_lookup_with_a_cost_sweep(tmp_path, monkeypatch)
         def log_probs(self, prompts):  # prefers z3, then z2
             return torch.log_softmax(torch.tensor([[0.0, 1.0, 2.0, 3.0]] * len(prompts)), -1)
 
-    base._load_builtin()
+    load_builtin_routers()
     monkeypatch.setitem(base.ROUTERS, "high_level", FakeHighLevel)
     hand_collection(tmp_path)
     s = run_eval(config(tmp_path, methods=[f"sft:{tmp_path / 'sft'}"]), progress=False)

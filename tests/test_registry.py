@@ -2,7 +2,8 @@ import pytest
 
 from haps.errors import ConfigError
 from haps.registry import class_registrar
-from haps.routing.base import ROUTERS, get_router
+from haps.routers import get_router
+from haps.routing.base import ROUTERS
 from haps.workflows import WORKFLOWS, get_workflow
 
 

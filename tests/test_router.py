@@ -12,7 +12,8 @@ import torch
 
 from haps.errors import ConfigError
 from haps.evaluate import ActionTable, lookup_report, router_policies, standard_policies
-from haps.routing.base import ROUTERS, get_router
+from haps.routers import get_router
+from haps.routing.base import ROUTERS
 from haps.routing.high_level import (
     HighLevelRouter,
     HighLevelRouterConfig,

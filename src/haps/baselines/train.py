@@ -21,9 +21,10 @@ from haps.errors import ConfigError, DataError
 
 def baseline_class(name: str) -> type[BaselineRouter]:
     """The registered baseline router class called ``name``."""
-    from haps.routing.base import ROUTERS, _load_builtin
+    from haps.routers import load_builtin_routers
+    from haps.routing.base import ROUTERS
 
-    _load_builtin()
+    load_builtin_routers()
     cls = ROUTERS.get(name)
     if cls is None or not issubclass(cls, BaselineRouter):
         known = sorted(n for n, c in ROUTERS.items() if issubclass(c, BaselineRouter))

@@ -78,7 +78,7 @@ def eval_lookup_cmd(
         elif kind in ("oracle", "random"):
             pols[kind] = std[kind]
         elif kind == "fixed":
-            from haps.routing.base import get_router
+            from haps.routers import get_router
 
             z = get_router(f"fixed:{arg}", space=col.space).assignment
             pols[f"fixed:{col.space.key(z)}"] = table.fixed(z)

@@ -51,7 +51,7 @@ def route_cmd(
     from haps.config import load_pool
     from haps.data import load_problems
     from haps.errors import ConfigError
-    from haps.routing.base import get_router
+    from haps.routers import get_router
     from haps.routing.prompt import build_routing_prompt, space_for
     from haps.workflows.base import get_workflow
 

@@ -179,7 +179,7 @@ def plan_method(spec: MethodSpec, ctx: Context, outcomes) -> Plan:
     if spec.kind == "static":
         return Plan(spec, pi=outcomes.fixed(space.index(space.from_key(spec.arg))))
     if spec.kind == "sft":
-        from haps.routing.base import get_router
+        from haps.routers import get_router
 
         router = get_router(f"high_level:{spec.arg}", space=space)
         idx = _indices(router.route(ctx.prompts), space)
@@ -212,7 +212,7 @@ def _baseline(spec: MethodSpec, ctx: Context):
     cls = baseline_class(spec.kind)
     embedder = ctx.embedder() if cls.needs_embeddings else None
     if spec.arg:
-        from haps.routing.base import get_router
+        from haps.routers import get_router
 
         return get_router(f"{spec.kind}:{spec.arg}", space=ctx.space, embedder=embedder), {"checkpoint": spec.arg,
                                                                                             "fitted": False}

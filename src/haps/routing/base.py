@@ -3,8 +3,9 @@
 A router scores: it implements one method, ``log_probs(prompts) -> (B, A)``, the log-probability of
 every assignment of the space (product order) for each routing prompt. The base class decides:
 ``route`` takes the arg max (ties -> lowest index) or samples, per the router's ``decision``. Routers
-are built by name from a registry; ``get_router("fixed:teacher=a,student=b", space=...)`` passes the
-text after the colon to the class's ``from_spec``. Unknown names raise an error listing the known ones.
+are built by name from this registry (`haps.routers.get_router`, which loads the built-in ones first:
+``get_router("fixed:teacher=a,student=b", space=...)`` passes the text after the colon to the class's
+``from_spec``; unknown names raise an error listing the known ones).
 
 Spaces larger than ``max_enumerate`` assignments cannot be scored in full: ``route`` then calls
 ``route_factorised`` (role by role), which a router implements if it can.
@@ -31,27 +32,6 @@ ROUTERS: dict[str, type[Router]] = {}
 
 #: Class decorator: ``@register_router(name)`` makes a class available by name.
 register_router = class_registrar(ROUTERS, "router")
-
-
-def get_router(spec: str, *, space: AssignmentSpace, **kwargs) -> Router:
-    """Build a router from ``name`` or ``name:argument`` (e.g. ``fixed:0,1``, ``random``)."""
-    _load_builtin()
-    name, _, arg = spec.partition(":")
-    if name not in ROUTERS:
-        raise ConfigError(f"unknown router {name!r}; known routers: {sorted(ROUTERS)}.")
-    return ROUTERS[name].from_spec(arg, space=space, **kwargs)
-
-
-def _load_builtin() -> None:
-    # routers living in their own modules register on import: the high-level router (torch +
-    # transformers) and the baselines (torch_geometric is imported only when a GraphRouter is built)
-    import haps.baselines.graphrouter  # noqa: F401
-    import haps.baselines.irt  # noqa: F401
-    import haps.baselines.knn  # noqa: F401
-    import haps.baselines.routellm_clf  # noqa: F401
-    import haps.baselines.routellm_mf  # noqa: F401
-    import haps.baselines.static  # noqa: F401
-    import haps.routing.high_level  # noqa: F401
 
 
 class Router(ABC):
