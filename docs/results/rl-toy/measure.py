@@ -19,17 +19,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "tests"))
 
-import conftest  # noqa: E402
-import test_rl  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
+import conftest  # noqa: E402
+import test_rl  # noqa: E402
+from haps.config import load_pool  # noqa: E402
 from haps.models.sources import resolve  # noqa: E402
-from haps.pools import builtin_pool  # noqa: E402
 from haps.routing.low_level import LowLevelConfig  # noqa: E402
 
 
 def main(out: str) -> None:
-    tok = AutoTokenizer.from_pretrained(resolve(builtin_pool("tiny").get("smollm2-135m")).path)
+    tok = AutoTokenizer.from_pretrained(resolve(load_pool("tiny").get("smollm2-135m")).path)
     llama, gemma = conftest.build_tiny_llama(tok), conftest.build_tiny_gemma3(tok)
     rows = []
     for norm in ("sum", "mean"):
