@@ -33,8 +33,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from haps.data import Problem, need, need_text
 from haps.errors import DataError
+from haps.problem import Problem, need, need_text
 from haps.workflows import EpisodeState, PendingCall, Workflow
 from haps.workflows.base import Style, generation_error, generation_text
 from haps.workflows.prompts import PromptTemplate

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from haps.config import ModelSpec, PoolConfig
-from haps.data import load_problems, split_problems
+from haps.data import load_problems, problem_record, split_problems
 from haps.errors import ConfigError
 from haps.models.types import Generation
 from haps.workflows import EpisodeJob, canonical_spec, get_workflow, load_workflow_class, run_episodes
@@ -53,7 +53,7 @@ def test_example_loads_from_its_file_and_owns_its_task():
     probs = load_problems(SPEC, DATA)
     assert len(probs) == 16 and probs[0].task == "arithmetic" and probs[11].gold == "-3" and probs[12].gold == "3.5"
     assert load_problems(SPEC, DATA, limit=3)[2].id == "arith-03"
-    assert [p.to_record()["answer"] for p in probs[11:13]] == [-3, 3.5]
+    assert [problem_record(p)["answer"] for p in probs[11:13]] == [-3, 3.5]
     parts = split_problems(probs, seed=0)
     assert all(parts[s] for s in ("train", "valid", "test"))
     with pytest.raises(ConfigError, match="rounds"):

@@ -13,6 +13,7 @@ from haps.data import (
     Problem,
     load_hf,
     load_problems,
+    problem_record,
     read_problems,
     shared_file,
     split_problems,
@@ -92,7 +93,7 @@ def test_demo_sets_are_complete_and_well_formed():
 
 def test_round_trip_to_record(tmp_path):
     probs = load_problems("hotpotqa", limit=3)
-    path = _write(tmp_path, "rt.jsonl", [p.to_record() for p in probs])
+    path = _write(tmp_path, "rt.jsonl", [problem_record(p) for p in probs])
     again = load_problems("hotpotqa", path)
     assert [(p.id, p.gold, p.context, p.meta["supporting_facts"]) for p in again] == \
            [(p.id, p.gold, p.context, p.meta["supporting_facts"]) for p in probs]

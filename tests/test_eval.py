@@ -274,7 +274,7 @@ def test_lookup_equals_real_episodes_under_greedy_decoding(tmp_path, smol_tokeni
     from haps.config import PoolConfig
     from haps.models.pool import ModelPool
     from haps.train.collect import CollectConfig, collect
-    from haps.workflows.base import get_workflow
+    from haps.workflows.loader import get_workflow
 
     models = {n: _random_llama(smol_tokenizer, n, i) for i, n in enumerate(("rand-a", "rand-b"))}
     pool = ModelPool(PoolConfig(name="tinyrand", models=[m.spec for m in models.values()]), backends=models)

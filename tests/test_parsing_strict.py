@@ -107,7 +107,7 @@ def test_strict_parsers_are_linear_in_the_output():
 def test_workflows_read_actions_strictly_when_asked():
     from haps.data import Problem
     from haps.models.types import Generation
-    from haps.workflows.base import get_workflow
+    from haps.workflows.loader import get_workflow
 
     p = Problem(id="q", task="mmlu", question="Which?", gold="B", choices=["w", "x", "y", "z"], subject="s")
     for parsing, want in (("lenient", "B"), ("strict", None)):

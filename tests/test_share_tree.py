@@ -72,7 +72,7 @@ def _turns(out):
                                                                                   "passage_chars": 120})])
 def test_collection_with_and_without_sharing_is_identical(tmp_path, rand_pool, task, options):
     from haps.train.collect import CollectConfig, collect
-    from haps.workflows.base import get_workflow
+    from haps.workflows.loader import get_workflow
     from haps.workflows.runner import RunStats, run_episodes
 
     stats = {}
@@ -105,7 +105,7 @@ def test_bench_collect_reports_the_ratio_and_identity(tmp_path, rand_pool):
     from haps.bench.collect import CollectBenchConfig, run_bench
     from haps.cli import _register, app
     from haps.data import load_problems
-    from haps.workflows.base import get_workflow
+    from haps.workflows.loader import get_workflow
 
     cfg = CollectBenchConfig(task="mmlu", n=2, max_new_tokens=4, workflow_options={"mmlu": {"rounds": 1}})
     wf = get_workflow("mmlu", rounds=1)

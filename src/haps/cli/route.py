@@ -53,7 +53,7 @@ def route_cmd(
     from haps.errors import ConfigError
     from haps.routers import get_router
     from haps.routing.prompt import build_routing_prompt, space_for
-    from haps.workflows.base import get_workflow
+    from haps.workflows.loader import get_workflow
 
     cfg: RouteConfig = build_config(RouteConfig, config, {
         "task": task, "problem_id": problem_id, "index": index, "data": data, "router": router, "pool": pool,

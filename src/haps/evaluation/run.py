@@ -52,8 +52,7 @@ PER_PROBLEM = "per_problem.jsonl"
 
 def _check_task(cfg_task: str, col) -> str | None:
     """The workflow spec to rebuild the collection's workflow with (None: the recorded one)."""
-    from haps.workflows.base import get_workflow
-    from haps.workflows.loader import canonical_spec
+    from haps.workflows.loader import canonical_spec, get_workflow
 
     given = canonical_spec(cfg_task)
     recorded = col.config.task

@@ -187,7 +187,7 @@ def _task_setting(cfg: ExperimentConfig, task: str, sname: str, sp: SettingPlan,
     from haps.data import load_problems
     from haps.routing.space import AssignmentSpace
     from haps.train.collect import CollectConfig, assignments_for, plan_splits
-    from haps.workflows.base import get_workflow
+    from haps.workflows.loader import get_workflow
 
     section = merge(collect_overrides(cfg.profile, task), for_task(cfg.collect, task, cfg.tasks))
     if data:

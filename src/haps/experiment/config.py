@@ -94,7 +94,7 @@ class ExperimentConfig(BaseModel):
 def for_task(section: Mapping[str, Any], task: str, tasks: Sequence[str]) -> dict[str, Any]:
     """A section with its per-task values picked: a mapping whose keys are all task names (the experiment's,
     or registered workflows) is that field's value per task (a task it does not name gets the field's default)."""
-    from haps.workflows.base import workflow_names
+    from haps.workflows.loader import workflow_names
 
     out: dict[str, Any] = {}
     names = set(tasks) | set(workflow_names())

@@ -172,7 +172,7 @@ class StageRunner:
 
     def _rl(self, s: Stage) -> float:
         from haps.train.rl import RLRecipe
-        from haps.workflows.base import get_workflow
+        from haps.workflows.loader import get_workflow
 
         rcfg, variant, ccfg = s.info["rl"], s.info["variant"], s.info["collect"]
         if variant.tradeoff is not None:

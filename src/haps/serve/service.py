@@ -33,10 +33,10 @@ from typing import Any
 from pydantic import BaseModel
 
 from haps.api import HapsRouter, load_router
-from haps.data import Problem
 from haps.errors import ConfigError, DataError
 from haps.models.local import LocalModel
 from haps.models.types import Generation, GenRequest
+from haps.problem import Problem
 from haps.serve.batching import ModelLane, Routed, RouterLane, with_callback
 from haps.serve.errors import (
     GenerationError,

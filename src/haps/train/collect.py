@@ -346,7 +346,7 @@ def _defaults(cfg: CollectConfig, problems, pool, workflow, runner, sampling) ->
 
         problems = load_problems(cfg.task, cfg.data, cfg.limit, sample_seed=cfg.problem_seed)
     if workflow is None:
-        from haps.workflows.base import get_workflow
+        from haps.workflows.loader import get_workflow
 
         workflow = get_workflow(cfg.task, **cfg.workflow_options)
     if pool is None:
@@ -558,7 +558,7 @@ class Collection:
         return PoolConfig.model_validate(self.manifest["pool"])
 
     def workflow(self):
-        from haps.workflows.base import get_workflow
+        from haps.workflows.loader import get_workflow
 
         return get_workflow(self.task, **self.config.workflow_options)
 

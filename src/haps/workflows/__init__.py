@@ -8,11 +8,15 @@ from haps.workflows.base import (
     PendingCall,
     Turn,
     Workflow,
-    get_workflow,
     register_workflow,
+)
+from haps.workflows.loader import (
+    ENTRY_POINT_GROUP,
+    canonical_spec,
+    get_workflow,
+    load_workflow_class,
     workflow_names,
 )
-from haps.workflows.loader import ENTRY_POINT_GROUP, canonical_spec, load_workflow_class
 from haps.workflows.runner import EpisodeJob, RunStats, Sampling, run_episodes, summarize
 
 __all__ = [

@@ -23,9 +23,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from haps.data import Problem, need, need_text
 from haps.errors import ConfigError, DataError
 from haps.models.types import Generation, GenRequest
+from haps.problem import Problem, need, need_text
 from haps.registry import class_registrar
 
 Style = Literal["chat", "completion"]
@@ -323,24 +323,3 @@ WORKFLOWS: dict[str, type[Workflow]] = {}
 
 #: Class decorator: ``@register_workflow(name)`` makes a class available by name.
 register_workflow = class_registrar(WORKFLOWS, "workflow")
-
-
-def load_builtin_workflows() -> None:
-    """Import the built-in workflow modules (importing them registers them)."""
-    from haps.workflows import hotpotqa as _h  # noqa: F401
-    from haps.workflows import mmlu as _m  # noqa: F401
-
-
-def workflow_names() -> list[str]:
-    """Registered workflow names plus installed plugins."""
-    from haps.workflows.loader import workflow_names as names
-
-    return names()
-
-
-def get_workflow(spec: str, **options) -> Workflow:
-    """The workflow ``spec`` names (a registered name, a plugin, or ``path/to/file.py:ClassName``; see
-    `haps.workflows.loader`) built with ``options`` (e.g. budget=3, top_k=1, summaries=True)."""
-    from haps.workflows.loader import load_workflow_class
-
-    return load_workflow_class(spec)(**options)

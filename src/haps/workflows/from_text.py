@@ -31,8 +31,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from haps.data import Problem
 from haps.errors import DataError
+from haps.problem import Problem
 
 _OPTION = re.compile(r"^\s*\(?([A-Da-d])\s*[.):]\s*(.*\S)\s*$")
 _CONTEXT = re.compile(r"^\s*(context|passages)\s*:\s*$", re.IGNORECASE)

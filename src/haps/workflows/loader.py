@@ -26,7 +26,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from haps.errors import ConfigError
-from haps.workflows.base import WORKFLOWS, Workflow, load_builtin_workflows, register_workflow
+from haps.workflows.base import WORKFLOWS, Workflow, register_workflow
 
 ENTRY_POINT_GROUP = "haps.workflows"
 
@@ -94,6 +94,12 @@ def _from_file(spec: str) -> type[Workflow]:
     return _checked(cls, f"{cls_name} in {str(path)!r}")
 
 
+def load_builtin_workflows() -> None:
+    """Import the built-in workflow modules (importing them registers them)."""
+    from haps.workflows import hotpotqa as _h  # noqa: F401
+    from haps.workflows import mmlu as _m  # noqa: F401
+
+
 def load_workflow_class(spec: str) -> type[Workflow]:
     """The workflow class ``spec`` names (see the module docstring); unknown specs raise ConfigError
     listing the valid names."""
@@ -120,3 +126,9 @@ def workflow_names() -> list[str]:
     """Registered workflow names plus installed plugins (not yet loaded)."""
     load_builtin_workflows()
     return sorted(set(WORKFLOWS) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+
+
+def get_workflow(spec: str, **options) -> Workflow:
+    """The workflow ``spec`` names (a registered name, a plugin, or ``path/to/file.py:ClassName``) built with
+    ``options`` (e.g. budget=3, top_k=1, summaries=True)."""
+    return load_workflow_class(spec)(**options)

@@ -18,9 +18,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from haps.data import Problem, need, need_text
 from haps.errors import DataError
 from haps.models.types import Generation
+from haps.problem import Problem, need, need_text
 from haps.workflows.base import (
     EpisodeState,
     PendingCall,
