@@ -43,30 +43,30 @@ def episode_stats_cmd(
 
     from haps.evaluation.episode_stats import compare, episode_stats, read_episodes
     from haps.files import write_json_atomic
+    from haps.labels import key_labels
 
     named = [_named(s) for s in logs]
     eps = {name: read_episodes(p) for name, p in named}
     ref = named[0][0]
     out = {}
-    t = Table(title=f"episodes (paired differences against {ref})")
-    for c in ("log", "episodes", "score [95% CI]", f"- {ref} [95% CI]", "P(>0)", "failed", "parse fail",
-              "answers", "selection", "adapter norm across problems"):
-        t.add_column(c, justify="left" if c in ("log", "answers", "selection", "adapter norm across problems")
-                     else "right")
+    t = Table(title=f"episodes (differences paired by problem, against {ref})")
+    for c in ("log", "n", "score [95% CI]", f"- {ref} [95% CI]", "P(>0)", "failed", "parse fail", "answers",
+              "selection", "adapter norm (sd)"):
+        t.add_column(c, justify="left" if c in ("log", "answers", "selection", "adapter norm (sd)") else "right")
     for name, rows in eps.items():
         s = episode_stats(rows, n_boot=n_boot)
         d = compare(rows, eps[ref], n_boot=n_boot) if name != ref else None
         s["selection"] = dict(Counter(",".join(f"{r}={m}" for r, m in e["assignment"].items()) for e in rows))
         out[name] = {"stats": s, f"minus_{ref}": d}
-        sc = s.get("score")
-        answers = " ".join(f"{k}:{v}" for k, v in list(s["predictions"].items())[:5])
-        norms = "; ".join(f"{m} {v['mean']:.3g} (sd {v['std']:.2g}, {v['distinct']} distinct)"
-                          for m, v in s["adapter_norms_per_problem"].items()) or "-"
-        sel = "; ".join(f"{k} {v}" for k, v in sorted(s["selection"].items(), key=lambda kv: -kv[1]))
+        sc, paired = s.get("score"), d if d and d.get("problems") else None
+        labels = key_labels(list(s["selection"]))
+        answers = " ".join(f"{'-' if k in ('None', '') else k}{v}" for k, v in s["predictions"].items())
+        norms = " ".join(f"{m.split('-')[0]} {v['mean']:.3g} ({v['std']:.2g})"
+                         for m, v in s["adapter_norms_per_problem"].items()) or "-"
+        sel = " ".join(f"{labels[k]}:{v}" for k, v in sorted(s["selection"].items(), key=lambda kv: -kv[1]))
         t.add_row(name, str(s["episodes"]), f"{sc['mean']:.3f} [{sc['low']:.3f}, {sc['high']:.3f}]" if sc else "-",
-                  f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] (n={d['problems']})"
-                  if d and d.get("problems") else "-",
-                  f"{d['p_greater']:.2f}" if d and d.get("problems") else "-", str(s["failed"]),
+                  f"{paired['diff']:+.3f} [{paired['low']:+.3f}, {paired['high']:+.3f}]" if paired else "-",
+                  f"{paired['p_greater']:.2f}" if paired else "-", str(s["failed"]),
                   f"{s['parse_failure_rate']:.1%}", answers, sel, norms)
     Console().print(t)
     if json_out is not None:
