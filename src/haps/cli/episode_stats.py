@@ -19,7 +19,7 @@ from haps.cli import app
 def _named(spec: str) -> tuple[str, Path]:
     from haps.errors import ConfigError
 
-    name, sep, path = spec.partition("=")
+    name, sep, path = spec.rpartition("=")  # names may hold "=" (T=gemma3 S=gemma3=LOG)
     if not sep:
         name, path = Path(spec).stem, spec
     p = Path(path)
