@@ -50,14 +50,15 @@ def test_episode_stats_command_writes_the_paired_difference(tmp_path, capsys):
     for name, eps in (("a", a), ("b", b)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in eps))
     with pytest.raises(SystemExit) as ok:
-        main(["episode-stats", f"ref={tmp_path / 'a.jsonl'}", str(tmp_path / "b.jsonl"), "--json",
+        main(["episode-stats", f"ref={tmp_path / 'a.jsonl'}", f"T=g S=g={tmp_path / 'b.jsonl'}", "--json",
               str(tmp_path / "s.json"), "--n-boot", "200"])
     assert ok.value.code == 0
     got = json.loads((tmp_path / "s.json").read_text())
     assert got["ref"]["minus_ref"] is None and got["ref"]["stats"]["score"]["mean"] == 1.0
-    assert got["b"]["minus_ref"]["diff"] == pytest.approx(-0.5) and got["b"]["minus_ref"]["problems"] == 2
-    assert got["b"]["stats"]["selection"] == {"teacher=g,student=g": 2}
-    assert "paired differences against ref" in capsys.readouterr().out
+    b = got["T=g S=g"]  # a name may hold "=": NAME=PATH splits at the last one
+    assert b["minus_ref"]["diff"] == pytest.approx(-0.5) and b["minus_ref"]["problems"] == 2
+    assert b["stats"]["selection"] == {"teacher=g,student=g": 2}
+    assert "differences paired by problem, against ref" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         main(["episode-stats", str(tmp_path / "nope.jsonl")])
     assert e.value.code == 2 and "nope.jsonl" in capsys.readouterr().err
