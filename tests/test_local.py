@@ -388,14 +388,14 @@ def test_greedy_pick_equals_full_logits_pick():
 
 
 def test_fill_holes_keeps_live_rows_and_moves_only_from_the_end():
-    from haps.models.local import _fill_holes
+    from haps.models.rows import fill_holes
 
     live = [True, False, True, True, False, True, True, False]  # slots 1, 4 and 7 finished
-    keep = _fill_holes(live)
+    keep = fill_holes(live)
     assert keep == [0, 5, 2, 3, 6]
     assert all(live[j] for j in keep) and sorted(keep) == [0, 2, 3, 5, 6]
     assert all(src >= j for j, src in enumerate(keep))
-    assert _fill_holes([True] * 3) == [0, 1, 2] and _fill_holes([False, False]) == []
+    assert fill_holes([True] * 3) == [0, 1, 2] and fill_holes([False, False]) == []
 
 
 @pytest.mark.parametrize("keep", [[0, 6, 2, 3, 5], [0, 1, 2], [3, 1, 0]])

@@ -43,11 +43,11 @@ class TokenLoopPool:
     def _one(self, m, req, gen: torch.Generator) -> Generation:
         from haps.models.adapters import adapters_in_scope
         from haps.models.hf_compat import with_cache
-        from haps.models.local import _Row
         from haps.models.picking import nucleus
+        from haps.models.rows import Row
 
         text, ids = m.encode(req)
-        row = _Row(text, ids)
+        row = Row(text, ids)
         batch = None if req.adapter is None else dataclasses.replace(
             m.adapter_batch([req.adapter], self.config.lora), strategy="row_loop")  # the merged weight, per row
         from transformers import DynamicCache

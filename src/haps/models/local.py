@@ -17,7 +17,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -30,28 +29,11 @@ from haps.models.engines import make_engine
 from haps.models.lora import LoraSites, inject, lora_sites
 from haps.models.padding import left_pad
 from haps.models.picking import token_logprobs
+from haps.models.rows import Row, context_window, fill_holes, fit_to_window, kept_states, stop_tail
 from haps.models.sources import resolve
 from haps.models.substack import hidden_from_states
 from haps.models.templates import PLAIN_CHAT_TEMPLATE
 from haps.models.types import Generation, GenRequest, ModelInfo, RowAdapter
-
-
-@dataclass
-class _Row:
-    """One request's progress through a batch."""
-
-    prompt_text: str
-    prompt_ids: list[int]
-    out_ids: list[int] = field(default_factory=list)
-    out_lp: list[float] = field(default_factory=list)
-    finish: str | None = None
-    states: list[torch.Tensor] = field(default_factory=list)  # kept hidden states: the prompt's, then per token
-
-
-def context_window(model: nn.Module) -> int | None:
-    """The longest sequence (prompt + generated tokens) the model's config allows, or None if it names none."""
-    n = getattr(model.config, "max_position_embeddings", None)
-    return int(n) if n else None
 
 
 class LocalModel:
@@ -152,18 +134,8 @@ class LocalModel:
         return text, list(ids)
 
     def fit_context(self, req: GenRequest, ids: list[int]) -> tuple[list[int], str | None]:
-        """``ids`` as they fit the context window with ``req.max_new_tokens`` to generate: unchanged, or with
-        their middle cut (``req.truncation == "middle"``: the first and last tokens kept), or an error."""
-        window = self.context_window
-        if window is None or len(ids) + req.max_new_tokens <= window:
-            return ids, None
-        room = window - req.max_new_tokens
-        if req.truncation == "middle" and room >= 2:
-            head = room // 2
-            return ids[:head] + ids[len(ids) - (room - head):], None
-        return ids, (f"model {self.spec.name!r}: the prompt has {len(ids)} tokens and {req.max_new_tokens} are to "
-                     f"be generated, more than its context window of {window}; shorten the prompt, ask for fewer "
-                     "tokens, or set the request's truncation='middle'.")
+        """``ids`` fitted to this model's context window (`haps.models.rows.fit_to_window`)."""
+        return fit_to_window(ids, req, self.context_window, self.spec.name)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -176,7 +148,7 @@ class LocalModel:
         if any(r.adapter is not None for r in requests):
             self._check_adapters(target)
         results: list[Generation | None] = [None] * len(requests)
-        rows: dict[int, _Row] = {}
+        rows: dict[int, Row] = {}
         for i, req in enumerate(requests):
             text, ids = self.encode(req)
             if not ids:
@@ -187,7 +159,7 @@ class LocalModel:
                 results[i] = Generation(text="", model=self.spec.name, prompt_tokens=len(ids), finish_reason="error",
                                         error=error, prompt_text=text)
             else:
-                rows[i] = _Row(text, ids)
+                rows[i] = Row(text, ids)
         order = sorted(rows, key=lambda i: len(rows[i].prompt_ids))
         gen = torch.Generator(device="cpu")
         if seed is not None:
@@ -201,7 +173,7 @@ class LocalModel:
                 results[i] = o
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, reqs: list[GenRequest], rows: list[_Row], target: LoraTarget | None,
+    def _generate_batch(self, reqs: list[GenRequest], rows: list[Row], target: LoraTarget | None,
                         gen: torch.Generator) -> list[Generation]:
         adapters = self.adapter_batch([r.adapter for r in reqs], target)
         keep = any(r.keep_states and r.adapter is not None for r in reqs)
@@ -224,11 +196,11 @@ class LocalModel:
         return [self._generation(req, row, first if keep and engine.captures_states else None)
                 for req, row in zip(reqs, rows, strict=True)]
 
-    def _decode(self, engine: DecodeEngine, out: torch.Tensor, reqs: list[GenRequest], rows: list[_Row],
+    def _decode(self, engine: DecodeEngine, out: torch.Tensor, reqs: list[GenRequest], rows: list[Row],
                 adapters: AdapterBatch | None, gen: torch.Generator) -> int:
         """Pick and step until every row has finished; returns the number of decode steps.
 
-        ``batch[j]`` is the request index of batch row j. Finished rows leave the batch (`_fill_holes`) at once
+        ``batch[j]`` is the request index of batch row j. Finished rows leave the batch (`fill_holes`) at once
         where the engine compacts in place, else once they are an eighth of it (a full cache copy costs more
         than carrying a few idle rows, which feed their last token back meanwhile).
         """
@@ -251,7 +223,7 @@ class LocalModel:
                 return steps
             n_idle = live.count(False)
             if n_idle and (engine.compacts_in_place or n_idle * 8 >= len(batch)):
-                keep_l = _fill_holes(live)
+                keep_l = fill_holes(live)
                 keep = torch.tensor(keep_l, device=self.device)
                 batch, tokens, live = [batch[j] for j in keep_l], [tokens[j] for j in keep_l], [True] * len(keep_l)
                 engine.select_rows(keep)
@@ -262,13 +234,13 @@ class LocalModel:
                     rows[i].states.append(engine.step_states[j:j + 1])
             steps += 1
 
-    def _append(self, req: GenRequest, row: _Row, token: int, logprob: float) -> bool:
+    def _append(self, req: GenRequest, row: Row, token: int, logprob: float) -> bool:
         """Add one generated token to ``row``; returns whether the row goes on."""
         row.out_ids.append(token)
         row.out_lp.append(logprob)
         if token in self.eos_ids:
             row.finish = "eos"
-        elif req.stop and any(s in self.tokenizer.decode(row.out_ids[-_stop_tail(req):]) for s in req.stop):
+        elif req.stop and any(s in self.tokenizer.decode(row.out_ids[-stop_tail(req):]) for s in req.stop):
             row.finish = "stop"
         elif len(row.out_ids) >= req.max_new_tokens:
             row.finish = "length"
@@ -276,7 +248,7 @@ class LocalModel:
             row.finish = "length"  # stopped by its caller: nobody reads the rest
         return row.finish is None
 
-    def _generation(self, req: GenRequest, row: _Row, states_layer: int | None) -> Generation:
+    def _generation(self, req: GenRequest, row: Row, states_layer: int | None) -> Generation:
         body = row.out_ids[:-1] if row.finish == "eos" else row.out_ids
         text = self.tokenizer.decode(body, skip_special_tokens=True)
         if row.finish == "stop":
@@ -288,7 +260,7 @@ class LocalModel:
                           logprobs=row.out_lp if req.logprobs else [], prompt_tokens=n_in, completion_tokens=n_out,
                           finish_reason=row.finish or "length", cost=self.spec.cost(n_in, n_out),
                           prompt_text=row.prompt_text, prompt_ids=row.prompt_ids,
-                          **_kept_states(req, row, states_layer))
+                          **kept_states(req, row, states_layer))
 
     def _record_stats(self, stats: dict) -> None:
         """This batch's timings for benchmarks (prefill includes the first token), and the running totals."""
@@ -351,24 +323,3 @@ class LocalModel:
                                   top_p, chunk_bytes)  # (N,)
         out = hidden.new_zeros(len(prompt_ids))
         return out.index_add(0, torch.tensor(rows, device=h.device), token_lp)
-
-
-def _kept_states(req: GenRequest, row: _Row, layer: int | None) -> dict:
-    """Generation fields for the row's kept states: (prompt + completion - 1, d) entering ``layer``."""
-    if layer is None or not req.keep_states or req.adapter is None:
-        return {}
-    return {"states": torch.cat(row.states), "states_layer": layer}
-
-
-def _stop_tail(req: GenRequest) -> int:
-    """Generated tokens to decode when looking for the request's stop strings."""
-    return max((len(s) for s in req.stop), default=0) + 2
-
-
-def _fill_holes(live: list[bool]) -> list[int]:
-    """Batch rows to keep, in their new order: the m live rows in slots 0..m-1, where each finished row below m
-    is replaced by a live row from the end. Every ``keep[j] >= j``, so caches can move the few replacing rows in
-    place instead of copying the batch."""
-    m = sum(live)
-    donors = iter(j for j in range(m, len(live)) if live[j])
-    return [j if live[j] else next(donors) for j in range(m)]
