@@ -23,6 +23,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from haps.bench.machine import cpu_info
+
 MODES = ("no_share", "share")
 
 
@@ -156,5 +158,6 @@ def run_bench(cfg: CollectBenchConfig, *, pool=None, workflow=None, problems=Non
         "modes": best, "runs": runs, "speedup": round(ratio, 3), "target_speedup": 1.3, **same,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version(), "device": "cpu"},
+        "cpu": cpu_info(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

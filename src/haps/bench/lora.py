@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from haps.bench.machine import cpu_info
 from haps.config import LoraTarget
 from haps.models.types import GenRequest, RowAdapter
 
@@ -226,7 +227,7 @@ def _result(cfg: BenchConfig, gemm: list[float], records: list[Record]) -> dict:
         if n and roof and rec.tokens_per_s:
             rec.roofline_frac = rec.tokens_per_s * 2 * n / (roof * 1e9)
     return {"config": asdict(cfg), "roofline_gflops": roof, "sgemm_gflops_all": gemm, "params": dict(_params),
-            "threads": torch.get_num_threads(), "records": [asdict(r) for r in records]}
+            "threads": torch.get_num_threads(), "cpu": cpu_info(), "records": [asdict(r) for r in records]}
 
 
 _params: dict[str, int] = {}

@@ -17,7 +17,6 @@ the peak memory of one haps step with a batch of `memory_batch` problems where G
 from __future__ import annotations
 
 import os
-import platform
 import tempfile
 import threading
 import time
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from haps.bench.machine import cpu_info
 from haps.metrics import RewardConfig
 
 
@@ -43,25 +43,6 @@ class RLBenchConfig(BaseModel):
     memory_batch: int = Field(default=8, ge=1, description="Problems of the memory-measured step (Gemma chosen).")
     routing_batch: int = Field(default=8, ge=1, description="Prompts of the routing-share measurement.")
     threads: int | None = Field(default=None, ge=1, description="torch threads (None: torch's).")
-
-
-def cpu_info() -> dict[str, Any]:
-    """The CPU model and the flags that decide fast dtypes (recorded with every benchmark)."""
-    model, flags = platform.processor(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and not model:
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    keep = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
-    return {"model": model, "flags": sorted(f for f in keep if f in flags), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 class _PeakRSS:

@@ -18,7 +18,6 @@ settings and the on/off ratio per N.
 from __future__ import annotations
 
 import asyncio
-import os
 import platform
 import signal
 import socket
@@ -30,11 +29,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from haps.bench.machine import cpu_info
 from haps.errors import HapsError
 
 FIRST_MODEL = "*"
-DTYPE_FLAGS = ("fma", "f16c", "avx2", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-               "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
 
 TOPICS = ["photosynthesis", "the French revolution", "prime numbers", "the water cycle", "black holes",
           "the printing press", "plate tectonics", "vaccines", "the stock market", "jazz", "volcanoes", "DNA"]
@@ -70,24 +68,6 @@ def _resolve(models: list[str], url: str) -> list[str]:
     names = [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]]
     plain = [n for n in names if n != "haps" and not n.startswith("haps/")]
     return [(plain[0] if plain else "haps") if m == FIRST_MODEL else m for m in models]
-
-
-def cpu_info() -> dict[str, Any]:
-    """``lscpu``'s model name, core count and the dtype-relevant flags present."""
-    info: dict[str, Any] = {"machine": platform.machine(), "cpus": os.cpu_count()}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        out = ""
-    fields = {}
-    for line in out.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields[key.strip()] = value.strip()
-    info["model_name"] = fields.get("Model name")
-    flags = set(fields.get("Flags", "").split())
-    info["dtype_flags"] = [f for f in DTYPE_FLAGS if f in flags]
-    return info
 
 
 def _free_port() -> int:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.table import Table
 
+from haps.bench.machine import cpu_info
 from haps.cli import bench_app
 from haps.cli.common import (
     build_config,
@@ -186,6 +187,7 @@ def _result(cfg: EpisodesBenchConfig, workflow, assignment: dict[str, str], opti
         "identical_predictions": same, "prediction_mismatches": n - same,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version(), "device": "cpu"},
+        "cpu": cpu_info(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 

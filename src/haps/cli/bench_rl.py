@@ -32,7 +32,7 @@ def bench_rl(
     con = Console()
     res = run_bench(cfg, progress=lambda m: con.print(f"[dim]{m}[/]"))
     write_json_atomic(out, res)
-    t = Table(title=f"haps bench rl ({res['cpu']['model']}, {res['cpu']['torch_threads']} threads)")
+    t = Table(title=f"haps bench rl ({res['cpu']['model_name']}, {res['cpu']['torch_threads']} threads)")
     for c in ("approach", "updates", "problems", "seconds", "updates/h", "problems/h"):
         t.add_column(c, justify="left" if c == "approach" else "right")
     for name in ("haps", "authors"):
