@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -289,7 +288,7 @@ class BaselineRouter(Router):
         """Write ``router.json`` + ``weights.safetensors`` into folder ``path`` (created), atomically per file."""
         from safetensors.torch import save_file
 
-        from haps.files import write_json_atomic
+        from haps.files import atomic_path, write_json_atomic
 
         if not self.fitted:
             raise ConfigError(f"router {self.name!r} is not fitted; fit it before save().")
@@ -298,15 +297,9 @@ class BaselineRouter(Router):
         tensors, extra = self._state()
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         tensors["assignment_cost"] = self.assignment_cost.contiguous()
-        fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS}.", suffix=".tmp", dir=path)
-        os.close(fd)
-        try:
+        with atomic_path(path / WEIGHTS) as tmp:
             save_file(tensors, tmp, metadata={"format": CHECKPOINT_FORMAT, "router": self.name})
-            digest = _sha256(Path(tmp))
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path / WEIGHTS)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+            digest = _sha256(tmp)
         info = {
             "format": CHECKPOINT_FORMAT, "router": self.name, "config": self.config.model_dump(),
             "roles": list(self.space.roles), "models": list(self.space.models),
