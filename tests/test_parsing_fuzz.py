@@ -113,6 +113,10 @@ def _timed(name: str, fn, text: str):
     t0 = time.thread_time()
     out = fn(text)  # raising fails the test
     spent = time.thread_time() - t0
+    if spent >= budget:  # once more: a slow input is slow every time; a first-call import or a GC pause is not
+        t0 = time.thread_time()
+        out = fn(text)
+        spent = time.thread_time() - t0
     assert spent < budget, f"{name}: {spent * 1000:.0f} ms CPU on {len(text)} chars (budget {budget * 1000:.0f} ms)"
     return out
 
