@@ -137,15 +137,7 @@ class ModelLane:
                         r.future.set_result(g)
 
     async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
-        if self._queue is not None:
-            while not self._queue.empty():
-                r = self._queue.get_nowait()
-                if not r.future.done():
-                    r.future.set_exception(GenerationError("the server is shutting down"))
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        await _shut_down(self._worker, self._queue, self._executor)
 
 
 @dataclass
@@ -235,12 +227,17 @@ class RouterLane:
                     it.future.set_result(Routed(d, len(live), dt, t0 - it.t_in))
 
     async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
-        if self._queue is not None:
-            while not self._queue.empty():
-                it = self._queue.get_nowait()
-                if not it.future.done():
-                    it.future.set_exception(GenerationError("the server is shutting down"))
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        await _shut_down(self._worker, self._queue, self._executor)
+
+
+async def _shut_down(worker, queue, executor) -> None:
+    """Stop a lane: cancel its worker, fail what still waits in its queue, release its thread."""
+    if worker is not None:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+    if queue is not None:
+        while not queue.empty():
+            item = queue.get_nowait()
+            if not item.future.done():
+                item.future.set_exception(GenerationError("the server is shutting down"))
+    executor.shutdown(wait=False, cancel_futures=True)
