@@ -274,3 +274,33 @@ def test_checkpoint_roundtrip(smol_tokenizer, tmp_path, lora):
     # a second save over the first replaces it atomically
     r.save(path)
     assert torch.allclose(load_router(path).probs(ps), before, atol=1e-6, rtol=0)
+
+
+def test_shared_prefix_pass_equals_the_plain_pass(router):
+    """The batch's common prompt prefix runs once; scores, their gradients and the prompt states (what the
+    low-level router pools) equal the plain left-padded pass."""
+    from haps.routing.high_level import shared_prefix_len
+    from haps.routing.low_level import pool_states
+
+    assert shared_prefix_len([[1, 2, 3, 4], [1, 2, 3], [1, 2, 5, 6]], minimum=1) == 2
+    assert shared_prefix_len([[1, 2, 3], [1, 2, 3]], minimum=1) == 2  # each keeps a token of its own
+    assert shared_prefix_len([[1, 2, 3]], minimum=1) == 0 and shared_prefix_len([[1, 2], [1, 3]], minimum=2) == 0
+    ps = short_prompts(3)
+    pids = [router.prompt_ids(p) for p in ps]
+    assert shared_prefix_len(pids) > len(pids[0]) // 2  # the system prompt is most of a short prompt
+    cands = [[router.answer_ids(z) for z in SPACE.assignments()]] * 3
+    outs = []
+    for share in (False, True):
+        router.model.zero_grad()
+        router.train_mode(True)
+        sc, n, hidden, own = candidate_scores(router.model, pids, cands, router.pad_id, prompt_states=True,
+                                              share_prefix=share)
+        sc.sum().backward()
+        grad = torch.cat([q.grad.flatten() for q in router.parameters()])
+        outs.append((sc.detach(), n, pool_states(hidden, own, "mean").detach(),
+                     pool_states(hidden, own, "last").detach(), int(own.sum()), grad))
+        router.train_mode(False)
+    (a, na, ma, la, oa, ga), (b, nb, mb, lb, ob, gb) = outs
+    assert torch.allclose(a, b, atol=1e-4) and torch.equal(na, nb) and oa == ob == sum(len(p) for p in pids)
+    assert torch.allclose(ma, mb, atol=1e-4) and torch.allclose(la, lb, atol=1e-4)
+    assert torch.allclose(ga, gb, atol=1e-4, rtol=1e-3)

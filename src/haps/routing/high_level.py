@@ -9,8 +9,10 @@ Semantics (enumerable space, K^N <= max_enumerate)::
     route(p) = argmax_z P(z | p)
 
 The prompt is run once per prompt (KV cache), then expanded to the A candidates, so a batch of B
-prompts costs B prompt passes plus B*A short answer passes; ``reference_scores`` is the plain twin (one
-full sequence at a time) and a test holds them equal. Scores carry gradients when grad is enabled.
+prompts costs B prompt passes plus B*A short answer passes; the prefix the batch's prompts share (system
+prompt, task description, role definitions: about half of a routing prompt) runs once for the batch.
+``reference_scores`` is the plain twin (one full sequence at a time) and a test holds them equal. Scores
+carry gradients when grad is enabled.
 
 Large spaces (K^N > max_enumerate) are decided role by role: at step i the K continuations
 ``id_k + next separator`` are scored after the answer so far and renormalised over valid ids, so
@@ -44,6 +46,7 @@ from haps.routing.space import Assignment, AssignmentSpace
 
 CHECKPOINT_FORMAT = "haps-high-level-router/1"
 PROMPT_CACHE_SIZE = 4096  # token ids of this many routing prompts are kept (oldest dropped first)
+MIN_SHARED_PREFIX = 16  # a batch's common prompt prefix shorter than this is not run on its own
 
 
 class RouterLoraConfig(BaseModel):
@@ -78,7 +81,7 @@ class HighLevelRouterConfig(BaseModel):
 # ---------------------------------------------------------------------------------------------- scoring
 def candidate_scores(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
                      candidates: Sequence[Sequence[Sequence[int]]], pad_id: int,
-                     prompt_states: bool = False) -> tuple[torch.Tensor, ...]:
+                     prompt_states: bool = False, share_prefix: bool = True) -> tuple[torch.Tensor, ...]:
     """Summed log-probs of each prompt's candidate completions, sharing one prompt pass.
 
     prompt_ids: B token lists; candidates: B lists of A token lists each (same A for every row, each
@@ -91,6 +94,8 @@ def candidate_scores(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
     With ``prompt_states`` it also returns the prompt pass's last hidden states after the final norm
     (B, L, d) and a mask (B, L) of the prompt's own tokens (no padding, no appended common tokens): what the
     low-level router pools, from the same pass.
+
+    With ``share_prefix`` the prefix all B prompts start with runs once (``_prompt_pass``); off, the plain pass.
     """
     from transformers import DynamicCache
 
@@ -106,12 +111,9 @@ def candidate_scores(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
         c += 1
     common = flat[0][:c]
     device = next(model.parameters()).device
-    ids, mask = left_pad([list(p) + common for p in prompt_ids], pad_id, device)  # (B, Lp + c)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, Lp + c)
     cache = DynamicCache(config=getattr(model, "config", None))
-    decoder = model.get_decoder()
-    hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                     **with_cache(decoder, cache)).last_hidden_state  # (B, Lp + c, d), after the final norm
+    hidden, mask, pos = _prompt_pass(model.get_decoder(), [list(p) + common for p in prompt_ids], pad_id, cache,
+                                     device, shared_prefix_len(prompt_ids) if share_prefix else 0)
     head_lp = torch.log_softmax(_logits(model, hidden[:, -(c + 1):]), dim=-1)  # (B, c + 1, V): common, then c
     prefix = torch.zeros(B, device=device)
     if c:
@@ -143,6 +145,50 @@ def candidate_scores(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
     if c:
         own[:, -c:] = 0  # the appended common answer tokens are not the prompt's
     return scores, (amask.sum(1) + c).view(B, A), hidden, own
+
+
+def shared_prefix_len(prompt_ids: Sequence[Sequence[int]], minimum: int = MIN_SHARED_PREFIX) -> int:
+    """Length P of the token prefix every prompt starts with, leaving each at least one token of its own;
+    0 for a single prompt or when P < ``minimum`` (not worth a pass of its own)."""
+    if len(prompt_ids) < 2:
+        return 0
+    first, limit = prompt_ids[0], min(len(p) for p in prompt_ids) - 1
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompt_ids):
+        n += 1
+    return n if n >= minimum else 0
+
+
+def _prompt_pass(decoder: nn.Module, seqs: list[list[int]], pad_id: int, cache, device,
+                 shared: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run B token lists through ``decoder`` into ``cache``; returns hidden (B, L, d) after the final norm,
+    mask (B, L) and positions (B, L).
+
+    Semantics (``shared`` = P > 0: every sequence starts with the same P tokens)::
+
+        run seqs[0][:P] once (batch 1) -> hidden_P (1, P, d); cache := its KV repeated B times
+        run the suffixes seqs[b][P:], left-padded to S, at positions P.. after the cached prefix
+        hidden = [hidden_P repeated B times | suffix states]; mask = [1 * P | suffix mask]  # (B, P + S)
+
+    equal (up to float rounding) to one left-padded pass over the whole sequences, at 1/B of the prefix's
+    cost. Padding sits between the prefix and each suffix (masked; positions skip it)."""
+    if not shared:
+        ids, mask = left_pad(seqs, pad_id, device)  # (B, L)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                         **with_cache(decoder, cache)).last_hidden_state
+        return hidden, mask, pos
+    B = len(seqs)
+    pre = torch.tensor([seqs[0][:shared]], device=device)  # (1, P)
+    head = decoder(input_ids=pre, use_cache=True, **with_cache(decoder, cache)).last_hidden_state  # (1, P, d)
+    cache.batch_repeat_interleave(B)
+    ids, smask = left_pad([s[shared:] for s in seqs], pad_id, device)  # (B, S)
+    mask = torch.cat([torch.ones(B, shared, dtype=smask.dtype, device=device), smask], dim=1)  # (B, P + S)
+    pos = shared + (smask.cumsum(-1) - 1).clamp(min=0)  # (B, S)
+    tail = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                   **with_cache(decoder, cache)).last_hidden_state  # (B, S, d)
+    full_pos = torch.cat([torch.arange(shared, device=device).expand(B, shared), pos], dim=1)
+    return torch.cat([head.expand(B, -1, -1), tail], dim=1), mask, full_pos
 
 
 def _logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
