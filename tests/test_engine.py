@@ -191,3 +191,32 @@ def test_kept_states_rescore_like_the_whole_model(tiny, last_k, share):
     with torch.no_grad():  # and the recorded sampling log-probs are the same distribution's
         for j, i in enumerate(rows):
             assert float(got[j]) == pytest.approx(sum(gens[i].logprobs), abs=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["lean", "hf"])
+@torch.no_grad()
+def test_rows_with_different_last_layer_adapters_share_a_prefix(tiny, kind):
+    """Adapters on the last layer's o_proj change no key or value, so rows with different adapters share one
+    prefix prefill and still decode exactly their own greedy tokens; on two layers they do not share."""
+    from haps.models.lora import changes_keys_values
+
+    target = LoraTarget(last_k_layers=1, rank=4)
+    assert not changes_keys_values(target)
+    assert changes_keys_values(LoraTarget(last_k_layers=2, rank=4))
+    assert changes_keys_values(LoraTarget(last_k_layers=1, rank=4, module_name="self_attn.v_proj"))
+    adapters = [_adapter(tiny, target, 1), _adapter(tiny, target, 2), None]
+    reqs = [GenRequest(prompt=INSTRUCTIONS + q, max_new_tokens=5, adapter=a)
+            for q, a in zip(("What is 2+2?", "Name a river.", "Why?"), adapters, strict=True)]
+    seqs = [tiny.encode(r)[1] for r in reqs]
+    batch = tiny.adapter_batch(adapters, target)
+    options = DecodeOptions(min_shared_prefix=4, engine=kind)
+    assert [g.rows for g in plan_prefill(seqs, options, batch, adapters_change_kv=False).groups] == [(0, 1, 2)]
+    assert plan_prefill(seqs, options, batch).groups == []  # three slots (0, 1, none): nothing shared
+    before, tiny.options = tiny.options, options
+    try:
+        got = tiny.generate(reqs, target=target)
+        assert tiny.last_stats["prefix_groups"] == 1
+    finally:
+        tiny.options = before
+    for g, ids, a in zip(got, seqs, adapters, strict=True):
+        assert g.token_ids == _greedy_alone(tiny, ids, 5, a, target)

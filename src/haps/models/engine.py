@@ -16,7 +16,8 @@ final-normed hidden states (b, d)): only the engine's own ``pick`` reads it.
 keys, values and next-token distribution as a plain left-padded prefill, up to float rounding:
 
 1. prefixes: rows grouped by a common token prefix (`plan_prefix_groups`; rows with different adapters
-   never share); each group's prefix runs once at batch 1;
+   share only when the adapters change no key or value, i.e. they sit on the last layer only); each
+   group's prefix runs once at batch 1;
 2. bodies: each row's tokens past its prefix, except the last, in buckets of similar length
    (`plan_length_buckets`);
 3. last tokens: one token per row, as the first decode step.
@@ -93,14 +94,17 @@ class PrefillPlan:
 
 
 def plan_prefill(seqs: Sequence[Sequence[int]], options: DecodeOptions,
-                 adapters: AdapterBatch | None = None) -> PrefillPlan:
-    """The prefill plan of ``seqs`` (b non-empty token lists); rows with different adapter slots never share."""
+                 adapters: AdapterBatch | None = None, adapters_change_kv: bool = True) -> PrefillPlan:
+    """The prefill plan of ``seqs`` (b non-empty token lists). Rows with different adapter slots share a prefix
+    only when the adapters change no key or value (``adapters_change_kv`` False, see
+    `haps.models.lora.changes_keys_values`): then the prefix runs with its first row's adapter, which reaches
+    only the prefix's own outputs past the keys/values, and those are never read."""
     seqs = [list(s) for s in seqs]
     b = len(seqs)
     plain = PrefillPlan(seqs, [], [0] * b, [])
     if not options.share_prefix or b == 1 or max(len(s) for s in seqs) == 1:
         return plain
-    keys = adapters.slot.tolist() if adapters is not None else None
+    keys = adapters.slot.tolist() if adapters is not None and adapters_change_kv else None
     groups = [g for g in plan_prefix_groups(seqs, keys, min_prefix=options.min_shared_prefix) if g.length > 0]
     covered = [0] * b
     for g in groups:

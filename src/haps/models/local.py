@@ -26,7 +26,7 @@ from haps.errors import ConfigError, ModelLoadError
 from haps.models.adapters import AdapterBatch, adapters_in_scope
 from haps.models.engine import DecodeEngine, DecodeOptions, plan_prefill
 from haps.models.engines import make_engine
-from haps.models.lora import LoraSites, inject, lora_sites
+from haps.models.lora import LoraSites, changes_keys_values, inject, lora_sites
 from haps.models.padding import left_pad
 from haps.models.picking import token_logprobs
 from haps.models.rows import Row, context_window, fill_holes, fit_to_window, kept_states, stop_tail
@@ -181,7 +181,8 @@ class LocalModel:
         engine = make_engine(self.model, self.options.engine, max(r.max_new_tokens for r in reqs),
                              self.tokenizer.pad_token_id, first)
         t0 = time.perf_counter()
-        plan = plan_prefill([r.prompt_ids for r in rows], self.options, adapters)
+        plan = plan_prefill([r.prompt_ids for r in rows], self.options, adapters,
+                            target is None or changes_keys_values(target))
         out = engine.prefill(plan, adapters)
         if keep and engine.captures_states:
             for row, state in zip(rows, engine.prompt_states, strict=True):

@@ -29,6 +29,11 @@ from haps.config import LoraTarget
 from haps.errors import ConfigError
 from haps.models.adapters import AdapterBatch, lora_delta, scoped_adapters
 
+# Projections that act after their layer's keys/values are made (queries, attention output, MLP): adapters
+# on these in the last layer leave every key and value unchanged (`changes_keys_values`).
+AFTER_KEYS_VALUES = frozenset({"q_proj", "o_proj", "out_proj", "c_proj", "gate_proj", "up_proj", "down_proj",
+                               "fc1", "fc2"})
+
 
 class PerRequestLoRALinear(nn.Module):
     """Wraps a frozen ``nn.Linear`` of decoder layer ``layer_idx``; adds the call's per-row adapters."""
@@ -125,6 +130,16 @@ def lora_sites(model: nn.Module, target: LoraTarget) -> LoraSites:
         idx.append(i)
         shapes.append((lin.out_features, lin.in_features))
     return LoraSites(tuple(idx), tuple(shapes))
+
+
+def changes_keys_values(target: LoraTarget) -> bool:
+    """Whether adapters at ``target`` can change any layer's keys/values.
+
+    Layer j's keys and values are projections of the residual stream entering layer j, which only layers
+    below j shape. So adapters on the last layer alone (paper default l_k = 1), on a module that acts after
+    that layer's keys/values are made (`AFTER_KEYS_VALUES`), leave every key and value as they are without
+    adapters. Anything else (more layers, or a module not known to be one of those) counts as changing them."""
+    return target.last_k_layers > 1 or target.module_name.rsplit(".", 1)[-1] not in AFTER_KEYS_VALUES
 
 
 def inject(model: nn.Module, target: LoraTarget) -> LoraSites:
