@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def quiet_libraries() -> None:
@@ -34,3 +36,12 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|torch|huggingface_hub)\b")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|torch|huggingface_hub)\b")
+
+
+@contextmanager
+def peft_deprecations() -> Iterator[None]:
+    """Around PEFT model construction: peft calls transformers' deprecated ``is_gradient_checkpointing``
+    alias (a FutureWarning about code that is not ours); every other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

@@ -128,13 +128,15 @@ def _peft(m, adapters: list[RowAdapter], target: LoraTarget):
     from peft import LoraConfig, get_peft_model
 
     from haps.models.lora import _decoder_layers, detach_lora
+    from haps.quiet import peft_deprecations
 
     detach_lora(m.model)
     n_layers = len(_decoder_layers(m.model))
     idx = list(range(n_layers - target.last_k_layers, n_layers))
     names = [f"layers.{i}.{target.module_name}" for i in idx]
     cfg = LoraConfig(r=target.rank, lora_alpha=target.alpha * target.rank, target_modules=names, lora_dropout=0.0)
-    pm = get_peft_model(m.model, cfg, adapter_name="row0")
+    with peft_deprecations():
+        pm = get_peft_model(m.model, cfg, adapter_name="row0")
     for r in range(1, len(adapters)):
         pm.add_adapter(f"row{r}", cfg)
     mods = [pm.base_model.model.get_submodule(f"model.layers.{i}.{target.module_name}") for i in idx]

@@ -16,5 +16,8 @@ def _cache_argument(cls: type) -> str:
 
 
 def with_cache(module: nn.Module, cache) -> dict:
-    """``{<the module's cache keyword>: cache}`` for a transformers forward call."""
-    return {_cache_argument(type(module)): cache}
+    """``{<the module's cache keyword>: cache}`` for a transformers forward call. A PEFT wrapper passes its
+    keywords through to the model it wraps, so that model's forward decides."""
+    peft = type(module).__module__.startswith("peft.")
+    inner = module.get_base_model() if peft else module
+    return {_cache_argument(type(inner)): cache}

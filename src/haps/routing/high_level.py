@@ -40,6 +40,7 @@ from haps.errors import ConfigError, ModelLoadError
 from haps.files import atomic_dir
 from haps.models.hf_compat import with_cache
 from haps.models.padding import left_pad
+from haps.quiet import peft_deprecations
 from haps.routing.base import Decision, Router, register_router
 from haps.routing.prompt import RoutingPrompt, parse_assignment_json
 from haps.routing.space import Assignment, AssignmentSpace
@@ -440,7 +441,8 @@ def _wrap_lora(model: nn.Module, cfg: RouterLoraConfig) -> nn.Module:
         raise ConfigError(f"router LoRA: the backbone has no modules named {missing}; set lora.target_modules.")
     pc = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
                     bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, pc)
+    with peft_deprecations():
+        return get_peft_model(model, pc)
 
 
 def _resolve_backbone(config: HighLevelRouterConfig) -> tuple[str, dict[str, Any]]:
@@ -485,6 +487,7 @@ def load_router(path: str | Path) -> HighLevelRouter:
     if info["lora"]:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(path / "adapter"))
+        with peft_deprecations():
+            model = PeftModel.from_pretrained(model, str(path / "adapter"))
     model.requires_grad_(False)
     return HighLevelRouter(model, tok, space, config, backbone_ref=info.get("backbone_ref"))
