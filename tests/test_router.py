@@ -304,3 +304,17 @@ def test_shared_prefix_pass_equals_the_plain_pass(router):
     assert torch.allclose(a, b, atol=1e-4) and torch.equal(na, nb) and oa == ob == sum(len(p) for p in pids)
     assert torch.allclose(ma, mb, atol=1e-4) and torch.allclose(la, lb, atol=1e-4)
     assert torch.allclose(ga, gb, atol=1e-4, rtol=1e-3)
+
+
+def test_candidate_scores_on_a_sliding_window_backbone(tiny_gemma3):
+    """Prompts sharing a 36-token prefix on a Gemma 3 backbone whose sliding window (16) is shorter: the plain
+    pass runs (padding between a shared prefix and the suffixes would shift the window), equal to the twin."""
+    length = 40
+    g = torch.Generator().manual_seed(length)
+    head = torch.randint(5, 900, (length - 4,), generator=g).tolist()
+    pids = [head + torch.randint(5, 900, (n,), generator=g).tolist() for n in (3, 4, 6)]
+    cands = [[[7, 8], [7, 9, 10], [11]]] * 3
+    with torch.no_grad():
+        fast, _ = candidate_scores(tiny_gemma3.model, pids, cands, 0)
+        slow = reference_scores(tiny_gemma3.model, pids, cands)
+    assert torch.allclose(fast, slow, atol=1e-4), (fast - slow).abs().max()

@@ -96,7 +96,8 @@ def candidate_scores(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
     (B, L, d) and a mask (B, L) of the prompt's own tokens (no padding, no appended common tokens): what the
     low-level router pools, from the same pass.
 
-    With ``share_prefix`` the prefix all B prompts start with runs once (``_prompt_pass``); off, the plain pass.
+    With ``share_prefix`` the prefix all B prompts start with runs once (``_prompt_pass``); off, the plain pass
+    (also for a sliding-window backbone whose window is shorter than the longest prompt).
     """
     from transformers import DynamicCache
 
@@ -113,8 +114,12 @@ def candidate_scores(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
     common = flat[0][:c]
     device = next(model.parameters()).device
     cache = DynamicCache(config=getattr(model, "config", None))
-    hidden, mask, pos = _prompt_pass(model.get_decoder(), [list(p) + common for p in prompt_ids], pad_id, cache,
-                                     device, shared_prefix_len(prompt_ids) if share_prefix else 0)
+    seqs = [list(p) + common for p in prompt_ids]
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    if window is not None and max(len(s) for s in seqs) > window:
+        share_prefix = False  # padding between prefix and suffix would shift what a window of keys covers
+    hidden, mask, pos = _prompt_pass(model.get_decoder(), seqs, pad_id, cache, device,
+                                     shared_prefix_len(prompt_ids) if share_prefix else 0)
     head_lp = torch.log_softmax(_logits(model, hidden[:, -(c + 1):]), dim=-1)  # (B, c + 1, V): common, then c
     prefix = torch.zeros(B, device=device)
     if c:
