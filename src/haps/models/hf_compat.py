@@ -18,6 +18,10 @@ def _cache_argument(cls: type) -> str:
 def with_cache(module: nn.Module, cache) -> dict:
     """``{<the module's cache keyword>: cache}`` for a transformers forward call. A PEFT wrapper passes its
     keywords through to the model it wraps, so that model's forward decides."""
-    peft = type(module).__module__.startswith("peft.")
-    inner = module.get_base_model() if peft else module
+    inner = module.get_base_model() if is_peft(module) else module
     return {_cache_argument(type(inner)): cache}
+
+
+def is_peft(model: nn.Module) -> bool:
+    """A PEFT wrapper (``PeftModel``), told apart without importing peft."""
+    return hasattr(model, "peft_config")

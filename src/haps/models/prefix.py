@@ -36,6 +36,11 @@ def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+def common_prefix_len(seqs: Sequence[Sequence[int]], keep: int = 1) -> int:
+    """Tokens that every one of ``seqs`` (non-empty) starts with, leaving each at least ``keep`` of its own."""
+    return max(0, min(min(_lcp(seqs[0], s) for s in seqs), min(len(s) for s in seqs) - keep))
+
+
 def plan_prefix_groups(seqs: Sequence[Sequence[int]], keys: Sequence[Hashable] | None = None,
                        min_prefix: int = 16, max_prefix: int | None = None) -> list[PrefixGroup]:
     """Groups of rows that share a prefix worth prefilling once; rows in no group are not listed.

@@ -38,8 +38,9 @@ from torch import nn
 
 from haps.errors import ConfigError, ModelLoadError
 from haps.files import atomic_dir
-from haps.models.hf_compat import with_cache
+from haps.models.hf_compat import is_peft, with_cache
 from haps.models.padding import left_pad
+from haps.models.prefix import common_prefix_len
 from haps.quiet import peft_deprecations
 from haps.routing.base import Decision, Router, register_router
 from haps.routing.prompt import RoutingPrompt, parse_assignment_json
@@ -108,9 +109,7 @@ def candidate_scores(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
     flat = [list(c) for row in candidates for c in row]  # B*A candidates, row-major
     if not all(flat):
         raise ConfigError("candidate_scores: every candidate needs at least one token.")
-    c = 0  # shared prefix length, leaving at least one token in every candidate
-    while c < min(len(f) for f in flat) - 1 and all(f[c] == flat[0][c] for f in flat):
-        c += 1
+    c = common_prefix_len(flat)  # tokens all candidates start with, leaving at least one in each
     common = flat[0][:c]
     device = next(model.parameters()).device
     cache = DynamicCache(config=getattr(model, "config", None))
@@ -158,10 +157,7 @@ def shared_prefix_len(prompt_ids: Sequence[Sequence[int]], minimum: int = MIN_SH
     0 for a single prompt or when P < ``minimum`` (not worth a pass of its own)."""
     if len(prompt_ids) < 2:
         return 0
-    first, limit = prompt_ids[0], min(len(p) for p in prompt_ids) - 1
-    n = 0
-    while n < limit and all(p[n] == first[n] for p in prompt_ids):
-        n += 1
+    n = common_prefix_len(prompt_ids)
     return n if n >= minimum else 0
 
 
@@ -235,7 +231,7 @@ class HighLevelRouter(Router):
             tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
         self.tokenizer = tokenizer
         self.backbone_ref = backbone_ref  # where the base weights came from (pool model or hub id/folder)
-        if config.lora is not None and not _is_peft(model):
+        if config.lora is not None and not is_peft(model):
             model = _wrap_lora(model, config.lora)
         self.model = model
         self.model.eval()  # no dropout: P(z|p) is deterministic, in training too
@@ -278,7 +274,7 @@ class HighLevelRouter(Router):
 
     def train_mode(self, flag: bool = True) -> None:
         """Enable gradients on the trainable weights (LoRA only, or all weights)."""
-        if _is_peft(self.model):
+        if is_peft(self.model):
             for n, p in self.model.named_parameters():
                 p.requires_grad_(flag and "lora_" in n)
         else:
@@ -415,7 +411,7 @@ class HighLevelRouter(Router):
         """safetensors weights + JSON config (never pickle), written to a temp folder then renamed."""
         path = Path(path)
         with atomic_dir(path) as tmp:
-            lora = _is_peft(self.model)
+            lora = is_peft(self.model)
             base_saved = not (lora and self.backbone_ref is not None and self.backbone_ref.get("kind") == "pool")
             if lora:
                 self.model.save_pretrained(tmp / "adapter", safe_serialization=True)
@@ -431,10 +427,6 @@ class HighLevelRouter(Router):
             }
             (tmp / "router.json").write_text(json.dumps(info, indent=2) + "\n")
         return path
-
-
-def _is_peft(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config")
 
 
 def _wrap_lora(model: nn.Module, cfg: RouterLoraConfig) -> nn.Module:
