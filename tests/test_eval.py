@@ -165,6 +165,7 @@ def test_haps_rows_come_from_run_infer_and_failed_ones_are_counted(tmp_path, mon
     assert d["diff"] == pytest.approx(-1 / 3) and d["n"] == 3
     assert h["vs_haps"] is None
     assert (tmp_path / "eval" / "episodes" / "haps.jsonl").exists()
+    assert s["episodes_played"] == 2 * 4  # haps and haps-no-lora on the 4 test problems (the failed one too)
 
 
 def test_missing_cells_are_played_or_counted(tmp_path):

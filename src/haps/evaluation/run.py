@@ -139,6 +139,7 @@ def run_eval(cfg: EvalConfig, *, pool=None, workflow=None, embedder: Callable | 
         say(f"HAPS episodes: {', '.join(p.spec.name for p in haps_plans)}")
         haps_rows = run_haps(haps_plans, test, outcomes, task=col.task, pool=get_pool(), rewarder=tr.rewarder,
                              out=out, progress=progress, workflow=workflow, max_new_tokens=col.config.max_new_tokens)
+        played += sum(sum(st != "missing" for st in r.status) for r in haps_rows.values())  # HAPS episodes too
 
     rows = _method_rows(plans, haps_rows, outcomes)
     labels = {k: labeler.assignment(k) for k in keys}
