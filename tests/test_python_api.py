@@ -96,6 +96,49 @@ def test_max_calls_and_expected_costs(pool):
 
 
 # ---------------------------------------------------------------------- routing and running
+def test_a_bf16_backbone_routes_and_generates_as_fp32_does_up_to_rounding(smol_tokenizer, pool):
+    """``dtype="bfloat16"`` (what ``auto`` picks on AMX/AVX512-BF16 CPUs) against the fp32 twin: the backbone
+    runs in bf16, the heads stay fp32, and P(z|p) and the generated adapters match to bf16 rounding."""
+    import torch
+
+    from rl_toy import toy_router
+
+    def build(dtype):
+        hier = toy_router(smol_tokenizer, pool, get_workflow("mmlu"), seed=3)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            for p in hier.generators.parameters():  # non-zero heads: the default init's first update is 0
+                p.data.normal_(0, 0.05)
+        return HapsRouter(hier, pool, workflow="mmlu", trained=False, dtype=dtype)
+
+    ref, fast = build("float32"), build("bfloat16")
+    assert {p.dtype for p in fast.hier.high.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in fast.hier.generators.parameters()} == {torch.float32}
+    a, b = ref.route(MMLU_Q, "mmlu"), fast.route(MMLU_Q, "mmlu")
+    assert b.probs == pytest.approx(a.probs, abs=0.02)
+    for role, ad in a.adapters.items():
+        if ad is None:
+            assert b.adapters[role] is None
+            continue
+        assert ad.A[0].abs().sum() > 0
+        for x, y in zip(ad.A + ad.B, b.adapters[role].A + b.adapters[role].B, strict=True):
+            assert y.dtype == torch.float32
+            torch.testing.assert_close(y, x, rtol=0.05, atol=0.01)
+
+
+def test_auto_dtype_follows_the_cpu_flags(monkeypatch):
+    import torch
+
+    from haps.models import dtypes
+
+    dtypes.cpu_flags.cache_clear()
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert dtypes.resolve_dtype("auto") == torch.float32  # AVX2 only: bf16 is emulated, slower
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    assert dtypes.resolve_dtype("auto") == torch.bfloat16
+    assert dtypes.resolve_dtype("float32") == torch.float32 and dtypes.resolve_dtype("bfloat16") == torch.bfloat16
+
+
 def test_route_text_and_problem(router):
     d = router.route(MMLU_Q, "mmlu")
     assert set(d.assignment) == {"teacher", "student"} and d.key in d.probs

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from haps.errors import ConfigError, HapsError
+from haps.models.dtypes import DtypeName, resolve_dtype
 
 #: what the untrained router warns (at load, in `haps serve`'s log and /health)
 UNTRAINED = ("no router checkpoint given: routing uses the untrained backbone and fresh adapter heads (random "
@@ -161,7 +162,7 @@ class HapsRouter:
 
     def __init__(self, router, pool, *, workflow: str | None = None, trained: bool = True,
                  source: str | None = None, workflow_options: Mapping[str, Mapping[str, Any]] | None = None,
-                 call_overhead_tokens: int | None = None) -> None:
+                 call_overhead_tokens: int | None = None, dtype: DtypeName = "float32") -> None:
         if list(router.space.models) != list(pool.names):
             raise ConfigError(f"the router assigns the models {list(router.space.models)}, but the pool has "
                               f"{list(pool.names)}; use the pool it was trained for.")
@@ -176,6 +177,11 @@ class HapsRouter:
         self.warnings: list[str] = [] if trained else [UNTRAINED]
         self._workflows: dict[str, Any] = {}
         router.train_mode(False)
+        import torch
+
+        self.dtype = resolve_dtype(dtype, next(router.high.model.parameters()).device)
+        if self.dtype != torch.float32:
+            router.backbone_to(self.dtype)
 
     @property
     def space(self):
@@ -353,11 +359,13 @@ def with_fresh_heads(high, pool, seed: int = 0):
 
 def load_router(path: str | Path | None = None, pool=None, *, workflow: str | None = None, task: str | None = None,
                 backbone=None, seed: int = 0,
-                workflow_options: Mapping[str, Mapping[str, Any]] | None = None) -> HapsRouter:
+                workflow_options: Mapping[str, Mapping[str, Any]] | None = None,
+                dtype: DtypeName = "float32") -> HapsRouter:
     """The router saved at ``path`` (``haps rl``: hierarchical; ``haps sft``: high-level only, no adapters) over
     ``pool`` (default: the pool its manifest names, else ``tiny``), checked against the pool it was trained
     for. ``path=None``: an untrained router (backbone ``backbone``, fresh heads) for ``workflow``; it warns
-    (`UntrainedRouterWarning`)."""
+    (`UntrainedRouterWarning`). ``dtype``: the backbone's dtype for routing (``auto``: bf16 where bf16 matmuls
+    are native, `haps.models.dtypes`; routes may then differ from fp32's on near ties)."""
     from haps.routing.high_level import HighLevelRouter
 
     mp = as_pool(pool, checkpoint_pool(path) or "tiny")
@@ -365,14 +373,15 @@ def load_router(path: str | Path | None = None, pool=None, *, workflow: str | No
         wf = workflow or DEFAULT_WORKFLOW
         warnings.warn(UNTRAINED, UntrainedRouterWarning, stacklevel=2)
         return HapsRouter(fresh_router(mp, wf, backbone, seed), mp, workflow=wf, trained=False,
-                          workflow_options=workflow_options)
+                          workflow_options=workflow_options, dtype=dtype)
     from haps.routing.checkpoints import load_router as load_checkpoint
     from haps.routing.low_level import HierarchicalRouter, LowLevelConfig
 
     loaded = load_checkpoint(path, pool=mp, task=task)
     if isinstance(loaded, HighLevelRouter):  # no adapter heads: routes models only
         loaded = HierarchicalRouter(loaded, {}, mp.config.lora, {}, LowLevelConfig(), meta={"task": checkpoint_task(path)})
-    return HapsRouter(loaded, mp, workflow=workflow, source=str(path), workflow_options=workflow_options)
+    return HapsRouter(loaded, mp, workflow=workflow, source=str(path), workflow_options=workflow_options,
+                      dtype=dtype)
 
 
 def run(problem, router=None, workflow: str | None = None, *, pool=None, max_new_tokens: int | None = None,

@@ -11,7 +11,8 @@ Side by side in one run (machines drift, so only ratios measured together are co
 Both route with the same fresh router and run the same workflow, sampling and token caps. Also measured:
 the peak memory of one haps step with a batch of `memory_batch` problems where Gemma is the chosen model
 (RSS sampled every 5 ms above the level before the step), and routing + adapter generation for
-`routing_batch` prompts as a share of one greedy lockstep episode batch of the same problems.
+`routing_batch` prompts as a share of one greedy lockstep episode batch of the same problems: in fp32 (as
+RL trains it) and, where bf16 matmuls are native, with the backbone in bf16 (as `haps serve` routes by default).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from haps.bench.machine import cpu_info
 from haps.metrics import RewardConfig
+from haps.models.dtypes import resolve_dtype
 
 
 class RLBenchConfig(BaseModel):
@@ -122,10 +124,21 @@ def bench_memory_and_routing(cfg: RLBenchConfig, rec) -> dict[str, Any]:
         t0 = time.perf_counter()
         run_episodes(rec.pool, rec.workflow, jobs, sampling={"max_new_tokens": cfg.max_new_tokens}, progress=False)
         t_episodes = time.perf_counter() - t0
+        routing = {"prompts": len(prompts), "route_and_adapters_s": t_route, "episode_batch_s": t_episodes,
+                   "share": t_route / (t_route + t_episodes)}
+        fast = resolve_dtype("auto", next(rec.router.high.model.parameters()).device)
+        if fast != torch.float32:  # as served (`haps serve --router-dtype auto`): the backbone in bf16, last
+            rec.router.train_mode(False)
+            rec.router.backbone_to(fast)
+            rec.router.decide(prompts[:1], "argmax")  # first-call set-up of the bf16 kernels, untimed
+            t0 = time.perf_counter()
+            rec.router.decide(prompts, "argmax")
+            t_fast = time.perf_counter() - t0
+            routing["served"] = {"dtype": str(fast).removeprefix("torch."), "route_and_adapters_s": t_fast,
+                                 "share": t_fast / (t_fast + t_episodes)}
     return {"memory": {"batch": cfg.memory_batch, "assignment": f"teacher={gemma},student={gemma}",
                        "peak_rss_above_gib": peak.above_bytes / 2**30, "rss_before_gib": peak.base / 2**30},
-            "routing": {"prompts": len(prompts), "route_and_adapters_s": t_route, "episode_batch_s": t_episodes,
-                        "share": t_route / (t_route + t_episodes)}}
+            "routing": routing}
 
 
 def run_bench(cfg: RLBenchConfig, progress=None) -> dict[str, Any]:

@@ -51,6 +51,7 @@ class ServeBenchConfig:
     warmup: int = 4
     modes: list[str] = field(default_factory=lambda: ["on", "off"])
     batch_window_ms: float | None = None  # None: the server's default
+    router_dtype: str = "auto"  # `haps serve --router-dtype` (auto: bf16 where native, haps.models.dtypes)
     startup_timeout_s: float = 600.0
     request_timeout_s: float = 600.0
     extra_args: list[str] = field(default_factory=list)  # more `haps serve` options
@@ -93,6 +94,7 @@ class ServerProcess:
             cmd += ["--router", cfg.router]
         if cfg.batch_window_ms is not None:
             cmd += ["--batch-window-ms", str(cfg.batch_window_ms)]
+        cmd += ["--router-dtype", cfg.router_dtype]
         self.cmd = cmd
         self.log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)

@@ -49,4 +49,8 @@ def bench_rl(
               f"{m['peak_rss_above_gib']:.2f} GiB above {m['rss_before_gib']:.2f} GiB")
     con.print(f"routing + adapters for {r['prompts']} prompts: {r['route_and_adapters_s']:.2f} s = "
               f"{100 * r['share']:.1f}% of the batch (episodes {r['episode_batch_s']:.1f} s)")
+    if "served" in r:
+        f = r["served"]
+        con.print(f"  with the backbone in {f['dtype']} (as served): {f['route_and_adapters_s']:.2f} s = "
+                  f"{100 * f['share']:.1f}%")
     con.print(f"written to {out}")

@@ -64,6 +64,8 @@ def bench_serve(
     max_tokens: int = typer.Option(None, min=1, help="max_tokens of every request (default 16)."),
     batch_window_ms: float = typer.Option(None, min=0.0, help="--batch-window-ms of the 'on' server (default: the "
                                                               "server's)."),
+    router_dtype: str = typer.Option(None, help="The servers' --router-dtype (default auto: bf16 where bf16 "
+                                                "matmuls are native, else float32)."),
     logs: Path = typer.Option(None, help="Folder for the two servers' logs (default: none kept)."),
 ) -> None:
     """Requests/s and p50/p99 latency of a live server, dynamic batching on vs off, with the openai client."""
@@ -73,7 +75,7 @@ def bench_serve(
     if model:
         cfg.models = [m.strip() for m in model.split(",") if m.strip()]
     for key, value in (("pool", pool), ("router", router), ("requests_per_client", requests_per_client), ("max_tokens", max_tokens),
-                       ("batch_window_ms", batch_window_ms)):
+                       ("batch_window_ms", batch_window_ms), ("router_dtype", router_dtype)):
         if value is not None:
             setattr(cfg, key, value)
     if clients:

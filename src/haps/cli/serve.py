@@ -72,6 +72,7 @@ def serve(
     batch_window_ms: float = typer.Option(None, min=0.0, max=10_000.0, help=field_help(ServeConfig, "batch_window_ms")),
     max_batch_size: int = typer.Option(None, min=1, help=field_help(ServeConfig, "max_batch_size")),
     router_batch_size: int = typer.Option(None, min=1, help=field_help(ServeConfig, "router_batch_size")),
+    router_dtype: str = typer.Option(None, help=field_help(ServeConfig, "router_dtype")),
     default_max_tokens: int = typer.Option(None, min=1, help=field_help(ServeConfig, "default_max_tokens")),
     max_tokens_limit: int = typer.Option(None, min=1, help=field_help(ServeConfig, "max_tokens_limit")),
     max_prompt_tokens: int = typer.Option(None, min=1, help=field_help(ServeConfig, "max_prompt_tokens")),
@@ -102,7 +103,7 @@ def serve(
     cfg: ServeConfig = build_config(ServeConfig, config, {
         "router": router, "pool": pool, "host": host, "port": port, "api_key_env": api_key_env, "routing": routing,
         "batching": batching, "batch_window_ms": batch_window_ms, "max_batch_size": max_batch_size,
-        "router_batch_size": router_batch_size, "default_max_tokens": default_max_tokens,
+        "router_batch_size": router_batch_size, "router_dtype": router_dtype, "default_max_tokens": default_max_tokens,
         "max_tokens_limit": max_tokens_limit, "max_prompt_tokens": max_prompt_tokens, "max_messages": max_messages,
         "max_body_bytes": max_body_bytes, "workflows": workflow or None, "default_workflow": default_workflow,
         "answer_role": answer_role, "shutdown_timeout_s": shutdown_timeout_s, "log_level": log_level})

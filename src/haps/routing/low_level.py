@@ -203,6 +203,17 @@ class HierarchicalRouter:
         self.high.train_mode(flag)
         self.generators.train(flag).requires_grad_(flag)
 
+    def backbone_to(self, dtype: torch.dtype) -> None:
+        """Run the backbone (and the frozen copy, if any) in ``dtype``, for inference: the router's pass is
+        compute-bound, and bf16 matmuls are several times faster where they are native (`haps.models.dtypes`).
+        The generators stay in their dtype (pooled states are cast to it), so adapters come out as before up to
+        the backbone's rounding; scores are computed in fp32 from the backbone's logits either way."""
+        if any(True for _ in self.high.parameters()):  # trainable weights: the optimiser keeps fp32
+            raise ConfigError("backbone_to is for inference: call train_mode(False) first (training keeps fp32).")
+        self.high.model.to(dtype)
+        if self.heads_backbone is not None:
+            self.heads_backbone.to(dtype)
+
     # ------------------------------------------------------------------ routing
     def decide(self, prompts: Sequence[RoutingPrompt], decision: Literal["argmax", "sample", "given"] = "argmax", *,
                assignments: Sequence[Assignment] | None = None, adapters: bool = True,

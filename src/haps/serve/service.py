@@ -226,15 +226,18 @@ class Service:
         if isinstance(spec, HapsRouter):
             router = spec
         elif isinstance(spec, str | Path):
-            router = load_router(spec, self.pool, workflow=s.default_workflow, workflow_options=s.workflow_options)
+            router = load_router(spec, self.pool, workflow=s.default_workflow, workflow_options=s.workflow_options,
+                                 dtype=s.router_dtype)
         elif spec is None:
             import warnings
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # said once, below, in the log and /health
-                router = load_router(None, self.pool, workflow=first, seed=s.seed, workflow_options=s.workflow_options)
+                router = load_router(None, self.pool, workflow=first, seed=s.seed, workflow_options=s.workflow_options,
+                                     dtype=s.router_dtype)
         else:  # a HierarchicalRouter built by the caller
-            router = HapsRouter(spec, self.pool, workflow=first, workflow_options=s.workflow_options)
+            router = HapsRouter(spec, self.pool, workflow=first, workflow_options=s.workflow_options,
+                                dtype=s.router_dtype)
         if s.call_overhead_tokens is not None:
             router.call_overhead_tokens = s.call_overhead_tokens
         for k, v in s.workflow_options.items():

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from haps.errors import ConfigError
+from haps.models.dtypes import DtypeName
 
 
 class ServeSettings(BaseModel):
@@ -21,6 +22,8 @@ class ServeSettings(BaseModel):
                                    "waits for companions, ms.")
     max_batch_size: int = Field(default=32, ge=1, description="Most rows per generate call of a local model.")
     router_batch_size: int = Field(default=32, ge=1, description="Most requests per router batch.")
+    router_dtype: DtypeName = Field(default="auto", description="The router backbone's dtype (auto: bf16 where bf16 "
+                                    "matmuls are native: AMX/AVX512-BF16 CPUs, bf16 GPUs; else fp32).")
     default_max_tokens: int = Field(default=256, ge=1, description="max_tokens of requests that give none.")
     max_tokens_limit: int = Field(default=4096, ge=1, description="The most tokens a request may ask for.")
     max_prompt_tokens: int = Field(default=4096, ge=1, description="The most prompt tokens a request may have.")
