@@ -170,3 +170,15 @@ def test_builtin_tiny_pool():
     other = load_pool("tiny")
     other.models[0].price_in = 99.0
     assert load_pool("tiny").models[0].price_in != 99.0
+
+
+def test_auto_weights_dtype_is_bf16_only_where_native(monkeypatch):
+    from haps.models import dtypes
+
+    spec = ModelSpec(name="m", backend="local", source_kind="folder", source="/x", dtype="auto")
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert spec.weights_dtype == "float32"
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert spec.weights_dtype == "bfloat16"
+    assert ModelSpec(name="m", backend="local", source_kind="folder", source="/x",
+                     dtype="float16").weights_dtype == "float16"

@@ -156,6 +156,26 @@ def test_score_matches_merged_oracle_and_generation_logprobs(tiny):
     assert abs(plain[0].item() - fast[0].item()) > 1e-2
 
 
+def test_score_of_a_bf16_model_is_fp32_and_matches_the_fp32_twin(tiny):
+    """A bf16 model (``dtype: auto`` on AMX/AVX512-BF16 CPUs) scores with fp32 adapters: fp32 log-probs with
+    gradients to the adapters, equal to the fp32 model's within bf16 rounding."""
+    target = LoraTarget(last_k_layers=1, rank=4, alpha=0.5)
+    adapters = [_adapter(tiny, target, 4), None]
+    prompts = [_prompt_ids(tiny, GenRequest(prompt=p)) for p in PROMPTS[:2]]
+    comps = [[5, 9, 14], [7, 3]]
+    model = copy.deepcopy(tiny.model).to(torch.bfloat16)
+    detach_lora(model)
+    half = LocalModel(tiny.spec, model, tiny.tokenizer)
+    a = adapters[0].A[0].requires_grad_(True)
+    got = half.score(prompts, comps, adapters, target)
+    assert got.dtype == torch.float32
+    got.sum().backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0
+    with torch.no_grad():
+        want = tiny.score(prompts, comps, adapters, target)
+    torch.testing.assert_close(got.detach(), want, rtol=0.05, atol=0.15)
+
+
 def test_score_edge_cases(tiny):
     with torch.no_grad():
         out = tiny.score([[1, 2, 3], [4, 5]], [[], [6]])

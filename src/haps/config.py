@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from haps.errors import ConfigError
 
 SourceKind = Literal["hub", "folder", "gguf_file", "gguf_package"]
-Dtype = Literal["float32", "bfloat16", "float16"]
+Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 
 
 class _Strict(BaseModel):
@@ -59,7 +59,9 @@ class ModelSpec(_Strict):
         description="Base model: workflows render completion-style prompts with a worked example and rely on "
         "stop strings rather than a chat turn structure.",
     )
-    dtype: Dtype = Field(default="float32", description="Weights dtype for local models.")
+    dtype: Dtype = Field(default="float32", description="Weights dtype for local models (auto: bfloat16 where "
+                         "bf16 matmuls are native, else float32; haps.models.dtypes). fp32 keeps batched and "
+                         "one-at-a-time greedy decoding equal; bf16 rounding lets them differ.")
     description: str = Field(default="", description="One line shown to the high-level router.")
     # api backend
     base_url: str | None = Field(default=None, description="api: OpenAI-compatible base URL, e.g. http://host/v1.")
@@ -85,6 +87,15 @@ class ModelSpec(_Strict):
         elif not self.source:
             raise ConfigError(f"model {self.name!r}: backend 'local' needs a source ({self.source_kind}).")
         return self
+
+    @property
+    def weights_dtype(self) -> str:
+        """``dtype`` with ``auto`` resolved for this machine's CPU, where local models load."""
+        if self.dtype != "auto":
+            return self.dtype
+        from haps.models.dtypes import fast_bf16
+
+        return "bfloat16" if fast_bf16("cpu") else "float32"
 
     def cost(self, tokens_in: int, tokens_out: int) -> float:
         """USD cost of one call: L_in * P_in + L_out * P_out (prices per 1M tokens)."""

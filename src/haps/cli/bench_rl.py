@@ -25,6 +25,9 @@ def bench_rl(
 
     from haps.bench.rl import RLBenchConfig, run_bench
     from haps.files import write_json_atomic
+    from haps.quiet import quiet_libraries
+
+    quiet_libraries()  # the authors' loop reloads the pool per problem: no "Loading weights" bar each time
 
     cfg: RLBenchConfig = build_config(RLBenchConfig, config, {
         "ours_steps": ours_steps, "authors_problems": authors_problems, "max_new_tokens": max_new_tokens})

@@ -76,7 +76,7 @@ class LocalModel:
         try:
             tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
             model = AutoModelForCausalLM.from_pretrained(
-                src.path, gguf_file=src.gguf_file, dtype=getattr(torch, spec.dtype)
+                src.path, gguf_file=src.gguf_file, dtype=getattr(torch, spec.weights_dtype)
             )
         except OSError as e:
             raise ModelLoadError(f"model {spec.name!r}: cannot load from {src.path!r}: {e}") from e
@@ -317,10 +317,10 @@ class LocalModel:
             cols += list(range(L - shift - n, L - shift))  # position t predicts token t+1
             targets += list(c)
         if not targets:
-            return hidden.new_zeros(len(prompt_ids))
+            return hidden.new_zeros(len(prompt_ids), dtype=torch.float32)
         h = hidden[torch.tensor(rows), torch.tensor(cols)]  # (N, d)
         token_lp = token_logprobs(self.model.get_output_embeddings(), h, torch.tensor(targets, device=h.device),
                                   getattr(self.model.config, "final_logit_softcapping", None), temperature,
                                   top_p, chunk_bytes)  # (N,)
-        out = hidden.new_zeros(len(prompt_ids))
+        out = token_lp.new_zeros(len(prompt_ids))  # fp32 (token_logprobs' dtype), whatever the model's
         return out.index_add(0, torch.tensor(rows, device=h.device), token_lp)

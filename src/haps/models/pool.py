@@ -52,7 +52,7 @@ _LOADED: dict[tuple, Backend] = {}
 
 
 def _key(spec: ModelSpec, cache: Path) -> tuple:
-    return (spec.backend, spec.source_kind, spec.source, spec.gguf_file, spec.dtype, spec.chat_template,
+    return (spec.backend, spec.source_kind, spec.source, spec.gguf_file, spec.weights_dtype, spec.chat_template,
             spec.base_url, str(cache))
 
 

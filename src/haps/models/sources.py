@@ -101,10 +101,10 @@ def resolve(spec: ModelSpec, cache: Path | None = None, convert: bool = True) ->
     if not convert:
         return ResolvedSource(str(gguf.parent), gguf.name)
     root = (cache or cache_root()) / "models"
-    target = root / f"{file_sha256(gguf)[:16]}-{spec.dtype}"
+    target = root / f"{file_sha256(gguf)[:16]}-{spec.weights_dtype}"
     if (target / "config.json").exists():
         return ResolvedSource(str(target))
-    _convert_gguf(gguf, target, spec.dtype)
+    _convert_gguf(gguf, target, spec.weights_dtype)
     return ResolvedSource(str(target))
 
 
