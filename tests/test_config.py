@@ -173,7 +173,7 @@ def test_builtin_tiny_pool():
 
 
 def test_auto_weights_dtype_is_bf16_only_where_native(monkeypatch):
-    from haps.models import dtypes
+    from haps import dtypes
 
     spec = ModelSpec(name="m", backend="local", source_kind="folder", source="/x", dtype="auto")
     monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset({"avx2", "fma"}))

@@ -129,7 +129,7 @@ def test_a_bf16_backbone_routes_and_generates_as_fp32_does_up_to_rounding(smol_t
 def test_auto_dtype_follows_the_cpu_flags(monkeypatch):
     import torch
 
-    from haps.models import dtypes
+    from haps import dtypes
 
     dtypes.cpu_flags.cache_clear()
     monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset({"avx2", "fma"}))

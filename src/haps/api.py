@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from haps.dtypes import DtypeName, resolve_dtype
 from haps.errors import ConfigError, HapsError
-from haps.models.dtypes import DtypeName, resolve_dtype
 
 #: what the untrained router warns (at load, in `haps serve`'s log and /health)
 UNTRAINED = ("no router checkpoint given: routing uses the untrained backbone and fresh adapter heads (random "
@@ -365,7 +365,7 @@ def load_router(path: str | Path | None = None, pool=None, *, workflow: str | No
     ``pool`` (default: the pool its manifest names, else ``tiny``), checked against the pool it was trained
     for. ``path=None``: an untrained router (backbone ``backbone``, fresh heads) for ``workflow``; it warns
     (`UntrainedRouterWarning`). ``dtype``: the backbone's dtype for routing (``auto``: bf16 where bf16 matmuls
-    are native, `haps.models.dtypes`; routes may then differ from fp32's on near ties)."""
+    are native, `haps.dtypes`; routes may then differ from fp32's on near ties)."""
     from haps.routing.high_level import HighLevelRouter
 
     mp = as_pool(pool, checkpoint_pool(path) or "tiny")

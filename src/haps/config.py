@@ -60,7 +60,7 @@ class ModelSpec(_Strict):
         "stop strings rather than a chat turn structure.",
     )
     dtype: Dtype = Field(default="float32", description="Weights dtype for local models (auto: bfloat16 where "
-                         "bf16 matmuls are native, else float32; haps.models.dtypes). fp32 keeps batched and "
+                         "bf16 matmuls are native, else float32; haps.dtypes). fp32 keeps batched and "
                          "one-at-a-time greedy decoding equal; bf16 rounding lets them differ.")
     description: str = Field(default="", description="One line shown to the high-level router.")
     # api backend
@@ -93,7 +93,7 @@ class ModelSpec(_Strict):
         """``dtype`` with ``auto`` resolved for this machine's CPU, where local models load."""
         if self.dtype != "auto":
             return self.dtype
-        from haps.models.dtypes import fast_bf16
+        from haps.dtypes import fast_bf16
 
         return "bfloat16" if fast_bf16("cpu") else "float32"
 

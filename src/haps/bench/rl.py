@@ -27,8 +27,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from haps.bench.machine import cpu_info
+from haps.dtypes import resolve_dtype
 from haps.metrics import RewardConfig
-from haps.models.dtypes import resolve_dtype
 
 
 class RLBenchConfig(BaseModel):

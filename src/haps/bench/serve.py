@@ -51,7 +51,7 @@ class ServeBenchConfig:
     warmup: int = 4
     modes: list[str] = field(default_factory=lambda: ["on", "off"])
     batch_window_ms: float | None = None  # None: the server's default
-    router_dtype: str = "auto"  # `haps serve --router-dtype` (auto: bf16 where native, haps.models.dtypes)
+    router_dtype: str = "auto"  # `haps serve --router-dtype` (auto: bf16 where native, haps.dtypes)
     startup_timeout_s: float = 600.0
     request_timeout_s: float = 600.0
     extra_args: list[str] = field(default_factory=list)  # more `haps serve` options

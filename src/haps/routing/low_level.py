@@ -205,7 +205,7 @@ class HierarchicalRouter:
 
     def backbone_to(self, dtype: torch.dtype) -> None:
         """Run the backbone (and the frozen copy, if any) in ``dtype``, for inference: the router's pass is
-        compute-bound, and bf16 matmuls are several times faster where they are native (`haps.models.dtypes`).
+        compute-bound, and bf16 matmuls are several times faster where they are native (`haps.dtypes`).
         The generators stay in their dtype (pooled states are cast to it), so adapters come out as before up to
         the backbone's rounding; scores are computed in fp32 from the backbone's logits either way."""
         if any(True for _ in self.high.parameters()):  # trainable weights: the optimiser keeps fp32

@@ -6,8 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from haps.dtypes import DtypeName
 from haps.errors import ConfigError
-from haps.models.dtypes import DtypeName
 
 
 class ServeSettings(BaseModel):
