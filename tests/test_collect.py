@@ -209,3 +209,20 @@ def test_a_manifest_without_a_newer_field_resumes_as_its_default(fake, tmp_path)
     assert fake.run(tmp_path / "a", 2).done_before == 8
     with pytest.raises(ConfigError, match="stratify: recorded True, now False"):
         fake.run(tmp_path / "a", 2, stratify=False)
+
+
+def test_the_manifest_records_what_dtype_auto_resolved_to(monkeypatch):
+    """``dtype: auto`` is recorded as the dtype it loaded in: a resume on a CPU where it resolves otherwise
+    would generate other tokens, so the manifest check sees a change."""
+    from types import SimpleNamespace
+
+    from haps import dtypes
+    from haps.config import ModelSpec, PoolConfig
+    from haps.train.collect import _pool_dump
+
+    cfg = PoolConfig(models=[ModelSpec(name="a", backend="local", source_kind="folder", source="/x", dtype="auto"),
+                             ModelSpec(name="b", backend="local", source_kind="folder", source="/y")])
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    assert [m["dtype"] for m in _pool_dump(SimpleNamespace(config=cfg))["models"]] == ["bfloat16", "float32"]
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert [m["dtype"] for m in _pool_dump(SimpleNamespace(config=cfg))["models"]] == ["float32", "float32"]

@@ -223,9 +223,14 @@ class CollectSummary:
 
 
 def _pool_dump(pool) -> Any:
+    """The pool as the manifest records it; ``dtype: auto`` as what it resolved to on this machine (a resume
+    where it resolves otherwise would record other generations, so it is a change)."""
     cfg = getattr(pool, "config", None)
     if cfg is not None and hasattr(cfg, "model_dump"):
-        return cfg.model_dump()
+        out = cfg.model_dump()
+        for m, spec in zip(out.get("models", []), cfg.models, strict=True):
+            m["dtype"] = spec.weights_dtype
+        return out
     return {"models": [getattr(m, "name", str(m)) for m in getattr(cfg, "models", [])]}
 
 
