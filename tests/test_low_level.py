@@ -193,6 +193,7 @@ def test_export_round_trips_through_peft(smol_tokenizer, tiny_llama, tiny_gemma3
     from haps.export import write_peft_adapter
     from haps.models.adapters import adapters_in_scope
     from haps.models.lora import detach_lora
+    from haps.quiet import peft_deprecations
 
     target = LoraTarget(last_k_layers=2, rank=4, alpha=0.5)
     pool = toy_pool(tiny_llama, tiny_gemma3, target)
@@ -205,7 +206,8 @@ def test_export_round_trips_through_peft(smol_tokenizer, tiny_llama, tiny_gemma3
     write_peft_adapter(a, router.sites["tiny-llama"], target, str(tmp_path / "base"), tmp_path / "peft")
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == pytest.approx(2.0) and cfg["layers_to_transform"] == [2, 3]
-    peft_model = PeftModel.from_pretrained(base, tmp_path / "peft")
+    with peft_deprecations():  # peft's own call of a deprecated transformers method
+        peft_model = PeftModel.from_pretrained(base, tmp_path / "peft")
     ids = torch.tensor([tiny_llama.encode(GenRequest(prompt="The river flows to the sea"))[1]])
     with torch.no_grad():
         got = peft_model(input_ids=ids).logits
