@@ -51,7 +51,7 @@ CASES = {
                       ["--assign", "unknown model 'gpt-9'", "smollm2-135m"]),
     "partial assign": (["run", "--task", "mmlu", "--assign", "teacher=smollm2-135m"],
                        ["--assign", "no model for role(s) ['student']", "teacher=smollm2-135m,student="]),
-    "unknown pool": (["run", "--task", "mmlu", "--pool", "tiyn"], ["unknown pool 'tiyn'", "['tiny']", "YAML"]),
+    "unknown pool": (["run", "--task", "mmlu", "--pool", "tiyn"], ["unknown pool 'tiyn'", "['tiny', 'tiny-auto']", "YAML"]),
     "missing data": (["run", "--task", "mmlu", "--data", "{d}/nope.jsonl"], ["does not exist", "nope.jsonl"]),
     "malformed data": (["run", "--task", "mmlu", "--data", "{d}/bad.jsonl"], ["bad.jsonl:2:", "not valid JSON",
                                                                               "Fix or remove this line"]),

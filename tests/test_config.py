@@ -182,3 +182,11 @@ def test_auto_weights_dtype_is_bf16_only_where_native(monkeypatch):
     assert spec.weights_dtype == "bfloat16"
     assert ModelSpec(name="m", backend="local", source_kind="folder", source="/x",
                      dtype="float16").weights_dtype == "float16"
+
+
+def test_builtin_tiny_auto_is_tiny_at_dtype_auto():
+    tiny, auto = load_pool("tiny"), load_pool("tiny-auto")
+    assert [m.name for m in auto.models] == [m.name for m in tiny.models]
+    assert {m.dtype for m in tiny.models} == {"float32"} and {m.dtype for m in auto.models} == {"auto"}
+    strip = [m.model_dump(exclude={"dtype"}) for m in auto.models]
+    assert strip == [m.model_dump(exclude={"dtype"}) for m in tiny.models]  # nothing else differs
