@@ -91,11 +91,9 @@ class ModelSpec(_Strict):
     @property
     def weights_dtype(self) -> str:
         """``dtype`` with ``auto`` resolved for this machine's CPU, where local models load."""
-        if self.dtype != "auto":
-            return self.dtype
-        from haps.dtypes import fast_bf16
+        from haps.dtypes import resolve_dtype_name
 
-        return "bfloat16" if fast_bf16("cpu") else "float32"
+        return resolve_dtype_name(self.dtype, "cpu")
 
     def cost(self, tokens_in: int, tokens_out: int) -> float:
         """USD cost of one call: L_in * P_in + L_out * P_out (prices per 1M tokens)."""

@@ -42,10 +42,16 @@ def fast_bf16(device: torch.device | str) -> bool:
     return dev.type == "cpu" and bool(cpu_flags() & BF16_CPU_FLAGS)
 
 
-def resolve_dtype(name: DtypeName, device: torch.device | str = "cpu") -> torch.dtype:
-    """``float32`` / ``bfloat16`` as named; ``auto``: bf16 where `fast_bf16`, else fp32."""
+def resolve_dtype_name(name: str, device: torch.device | str = "cpu") -> str:
+    """A dtype name as given (``float32``, ``bfloat16``, ``float16``); ``auto``: ``bfloat16`` where `fast_bf16`,
+    else ``float32``."""
+    if name == "auto":
+        return "bfloat16" if fast_bf16(device) else "float32"
+    return name
+
+
+def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """The torch dtype of `resolve_dtype_name`."""
     import torch
 
-    if name == "auto":
-        return torch.bfloat16 if fast_bf16(device) else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    return getattr(torch, resolve_dtype_name(name, device))

@@ -8,6 +8,8 @@ import platform
 import subprocess
 from typing import Any
 
+from haps.dtypes import cpu_flags
+
 #: CPU flags that decide whether fp16 / bf16 / int8 kernels are fast
 DTYPE_FLAGS = ("fma", "f16c", "avx2", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
                "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
@@ -28,7 +30,7 @@ def cpu_info() -> dict[str, Any]:
         if sep:
             fields[key.strip()] = value.strip()
     info["model_name"] = fields.get("Model name")
-    flags = set(fields.get("Flags", "").split())
+    flags = cpu_flags() or set(fields.get("Flags", "").split())  # /proc/cpuinfo, as `haps.dtypes` reads them
     info["dtype_flags"] = [f for f in DTYPE_FLAGS if f in flags]
     info["torch"], info["torch_threads"] = torch.__version__, torch.get_num_threads()
     return info

@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from haps.bench.machine import cpu_info
-from haps.dtypes import resolve_dtype
+from haps.dtypes import resolve_dtype_name
 from haps.metrics import RewardConfig
 
 
@@ -126,15 +126,15 @@ def bench_memory_and_routing(cfg: RLBenchConfig, rec) -> dict[str, Any]:
         t_episodes = time.perf_counter() - t0
         routing = {"prompts": len(prompts), "route_and_adapters_s": t_route, "episode_batch_s": t_episodes,
                    "share": t_route / (t_route + t_episodes)}
-        fast = resolve_dtype("auto", next(rec.router.high.model.parameters()).device)
-        if fast != torch.float32:  # as served (`haps serve --router-dtype auto`): the backbone in bf16, last
+        served = resolve_dtype_name("auto", next(rec.router.high.model.parameters()).device)
+        if served != "float32":  # as served (`haps serve --router-dtype auto`): the backbone in bf16, last
             rec.router.train_mode(False)
-            rec.router.backbone_to(fast)
+            rec.router.backbone_to(getattr(torch, served))
             rec.router.decide(prompts[:1], "argmax")  # first-call set-up of the bf16 kernels, untimed
             t0 = time.perf_counter()
             rec.router.decide(prompts, "argmax")
             t_fast = time.perf_counter() - t0
-            routing["served"] = {"dtype": str(fast).removeprefix("torch."), "route_and_adapters_s": t_fast,
+            routing["served"] = {"dtype": served, "route_and_adapters_s": t_fast,
                                  "share": t_fast / (t_fast + t_episodes)}
     return {"memory": {"batch": cfg.memory_batch, "assignment": f"teacher={gemma},student={gemma}",
                        "peak_rss_above_gib": peak.above_bytes / 2**30, "rss_before_gib": peak.base / 2**30},
